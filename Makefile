@@ -1,0 +1,42 @@
+# kuberun developer tasks. `make test` is the one command that must pass.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv build lint test test-fast fuzz fuzz-long bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Compile the Cython relay next to its sources (editable installs import it from there).
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+lint: build
+	$(VENV)/bin/ruff check kuberun tests benchmarks fuzz
+	$(VENV)/bin/mypy
+
+# Everything that must pass: lint, types, the whole test suite with the Cython relay
+# required (a missing build fails instead of silently testing only the Python twin),
+# then a short differential fuzzing run.
+test: lint
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m pytest -q tests
+	$(MAKE) fuzz
+
+fuzz: build
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_relay.py -max_total_time=30 -rss_limit_mb=2048
+
+fuzz-long: build
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_relay.py -max_total_time=600 -rss_limit_mb=2048
+
+bench: build
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m pytest benchmarks --benchmark-only --benchmark-group-by=param:size --benchmark-columns=min,median,mean,ops
+
+clean:
+	rm -rf build dist *.egg-info kuberun/_relay.c kuberun/_relay*.so kuberun/_relay.html

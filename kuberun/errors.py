@@ -1,0 +1,94 @@
+"""The one error hierarchy of kuberun.
+
+Every exception kuberun raises on purpose derives from :class:`KuberunError`.
+Each class documents what the SSH client sees when it ends a session or a
+connection, so the mapping to the wire lives next to the error itself.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CommandStartError",
+    "ConfigError",
+    "ExecError",
+    "ExecProtocolError",
+    "ExecStreamLost",
+    "KubernetesAPIError",
+    "KuberunError",
+    "PodStartError",
+    "PodStartTimeout",
+]
+
+
+class KuberunError(Exception):
+    """Root of every error kuberun raises on purpose."""
+
+
+class ConfigError(KuberunError, ValueError):
+    """The configuration is invalid.
+
+    ``path`` names the offending key (``"pod.spec"``, ``"timeouts.pod_start"``);
+    the message says what is wrong with it.
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class KubernetesAPIError(KuberunError):
+    """The Kubernetes API answered with an error ``Status``.
+
+    ``status`` is the HTTP code, ``reason`` the Status ``reason``
+    (``NotFound``, ``AlreadyExists``, ``Forbidden``, ...).
+    """
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{status} {reason}: {message}" if reason else f"{status}: {message}")
+
+
+class PodStartError(KuberunError):
+    """The Pod could not be started (image pull failure, unschedulable, exited, ...).
+
+    The SSH client sees the message on stderr and a non-zero exit status.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class PodStartTimeout(PodStartError, TimeoutError):
+    """The Pod did not become ready within ``timeouts.pod_start``."""
+
+
+class CommandStartError(KuberunError):
+    """The exec stream could not be opened (refused upgrade, timeout, TLS failure)."""
+
+
+class ExecProtocolError(KuberunError):
+    """The API server sent bytes that break the WebSocket or Kubernetes exec protocol.
+
+    Ends that one session with a message; never the gateway.
+    """
+
+
+class ExecError(KuberunError):
+    """The exec ended with a failure status that is not a plain exit code.
+
+    ``reason`` is the Kubernetes Status reason (``InternalError``, ...),
+    or ``"MalformedStatus"`` when the status could not be decoded.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(message)
+
+
+class ExecStreamLost(KuberunError):
+    """The exec stream ended without a status (connection reset, API server gone)."""
