@@ -37,7 +37,6 @@ from .errors import ConfigError
 __all__ = [
     "DEFAULT_CIPHERS",
     "DEFAULT_IDLE_COMMAND",
-    "SIGNAL_NAMES",
     "Config",
     "KubernetesConfig",
     "LoggingConfig",
@@ -69,12 +68,6 @@ DEFAULT_IDLE_COMMAND: tuple[str, ...] = (
     "/bin/sh",
     "-c",
     "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait; done",
-)
-
-#: Signal names an SSH ``signal`` request may carry (RFC 4254 section 6.10).
-SIGNAL_NAMES: frozenset[str] = frozenset(
-    {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
-     "USR1", "USR2"}
 )
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

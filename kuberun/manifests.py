@@ -1,0 +1,361 @@
+"""Pure builders: the Pod manifest, label values and selectors, command wrappers.
+
+Nothing here does I/O.  The command wrappers make a session behave as it does
+under OpenSSH with nothing in the image but a POSIX ``sh``: environment
+variables (and ``TERM``) are exported and the program's PID recorded for
+signal delivery by a small fixed script that receives every value as a
+positional argument, so no value is ever parsed as shell code.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import PodConfig
+
+__all__ = [
+    "ANNOTATION_CLIENT_ADDRESS",
+    "ANNOTATION_USERNAME",
+    "LABEL_CONNECTION_ID",
+    "LABEL_GATEWAY",
+    "LABEL_MANAGED_BY",
+    "LABEL_SESSION_ID",
+    "LABEL_USERNAME",
+    "MANAGED_BY",
+    "SIGNAL_NAMES",
+    "build_pod",
+    "env_allowed",
+    "exec_argv",
+    "id_label_value",
+    "is_valid_label_value",
+    "kill_argv",
+    "label_selector",
+    "managed_selector",
+    "pid_file_path",
+    "sanitize_label_value",
+    "valid_env_name",
+    "wrap_command",
+]
+
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "kuberun"
+LABEL_CONNECTION_ID = "kuberun.io/connection-id"
+LABEL_SESSION_ID = "kuberun.io/session-id"
+LABEL_USERNAME = "kuberun.io/username"
+LABEL_GATEWAY = "kuberun.io/gateway"
+ANNOTATION_CLIENT_ADDRESS = "kuberun.io/client-address"
+ANNOTATION_USERNAME = "kuberun.io/username"
+
+#: Signal names an SSH ``signal`` request may carry (RFC 4254 section 6.10).
+SIGNAL_NAMES: frozenset[str] = frozenset(
+    {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
+     "USR1", "USR2"}
+)
+
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_.-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_LABEL = 63
+
+# --------------------------------------------------------------------------
+# Labels
+
+
+def is_valid_label_value(value: str) -> bool:
+    """Whether ``value`` is a valid Kubernetes label value.
+
+    At most 63 characters from ``[A-Za-z0-9._-]``, beginning and ending with
+    an alphanumeric character; the empty string is valid too.
+    """
+    return len(value) <= _MAX_LABEL and _LABEL_VALUE.fullmatch(value) is not None
+
+
+def _trim(value: str) -> str:
+    return value.strip("-_.")
+
+
+def sanitize_label_value(value: str) -> str | None:
+    """Turn an arbitrary string into a valid, non-empty label value.
+
+    Each run of characters a label value cannot hold becomes one ``-``,
+    leading and trailing punctuation is dropped and the result is cut to 63
+    characters.  A value that is already valid comes back unchanged.  Returns
+    None when nothing usable is left (``"@@@"``, ``""``): omit the label then.
+    """
+    if value and is_valid_label_value(value):
+        return value
+    cleaned = _trim(_UNSAFE_RUN.sub("-", value))
+    cleaned = _trim(cleaned[:_MAX_LABEL])
+    return cleaned or None
+
+
+def id_label_value(value: str) -> str:
+    """A label value for an identifier (connection, session, gateway).
+
+    Unlike :func:`sanitize_label_value` this keeps distinct identifiers
+    distinct, because Pods are selected (and deleted) by these labels: a
+    valid value is kept as it is; any other gets a hash of the original
+    appended to its sanitised form, so ``"a b"`` and ``"a-b"`` never collide.
+    """
+    if value and is_valid_label_value(value):
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    base = _trim(_UNSAFE_RUN.sub("-", value))[: _MAX_LABEL - len(digest) - 1]
+    base = _trim(base)
+    return f"{base}-{digest}" if base else digest
+
+
+def _check_label_key(key: str) -> None:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
+        raise ValueError(f"invalid label key prefix in {key!r}")
+    if not _LABEL_NAME.fullmatch(name):
+        raise ValueError(f"invalid label key {key!r}")
+
+
+def label_selector(labels: Mapping[str, str] | None = None, /, **more: str) -> str:
+    """An equality-based label selector (``"k1=v1,k2=v2"``).
+
+    Keys with ``/`` or ``.`` go in the ``labels`` mapping; plain names may be
+    keyword arguments.  Keys and values are validated, so a value can never
+    smuggle in another requirement (``"x,other=y"``).
+
+    :raises ValueError: for an invalid key or value.
+    """
+    merged = {**(labels or {}), **more}
+    parts = []
+    for key, value in merged.items():
+        _check_label_key(key)
+        if not is_valid_label_value(value):
+            raise ValueError(f"invalid label value {value!r} for {key!r}")
+        parts.append(f"{key}={value}")
+    return ",".join(parts)
+
+
+def managed_selector(connection_id: str | None = None, gateway: str | None = None) -> str:
+    """The selector for Pods kuberun manages, optionally of one connection or gateway.
+
+    The identifiers are mapped with :func:`id_label_value`, as :func:`build_pod`
+    does, so the selector matches exactly the Pods built for them.
+    """
+    labels = {LABEL_MANAGED_BY: MANAGED_BY}
+    if connection_id is not None:
+        labels[LABEL_CONNECTION_ID] = id_label_value(connection_id)
+    if gateway is not None:
+        labels[LABEL_GATEWAY] = id_label_value(gateway)
+    return label_selector(labels)
+
+
+# --------------------------------------------------------------------------
+# The Pod
+
+
+def build_pod(
+    pod: PodConfig,
+    *,
+    connection_id: str,
+    username: str,
+    client_address: str | None = None,
+    gateway: str | None = None,
+    owner: Mapping[str, str] | None = None,
+    session_id: str | None = None,
+) -> dict[str, Any]:
+    """Build the Pod manifest for one connection (or one session in session mode).
+
+    The template (``pod.metadata``, ``pod.spec``) is deep-copied, never
+    modified.  User labels and annotations are kept; kuberun adds
+    ``app.kubernetes.io/managed-by: kuberun``, ``kuberun.io/connection-id``,
+    ``kuberun.io/session-id`` (if ``session_id``), ``kuberun.io/gateway`` (if
+    ``gateway``) and a sanitised ``kuberun.io/username`` (omitted if nothing
+    of it is usable).  The raw username and ``client_address`` go in
+    annotations, which accept any string.  The console container runs
+    ``pod.idle_command`` (its ``args`` are dropped) without stdin or tty.
+    ``owner`` (``apiVersion``, ``kind``, ``name``, ``uid``) adds an
+    ownerReference so Kubernetes collects the Pod if its owner goes away.
+
+    :raises ConfigError: if the console container is not in the template.
+    :raises ValueError: if ``owner`` lacks one of its four keys.
+    """
+    metadata: dict[str, Any] = copy.deepcopy(dict(pod.metadata))
+    spec: dict[str, Any] = copy.deepcopy(dict(pod.spec))
+
+    labels = dict(metadata.get("labels") or {})
+    labels[LABEL_MANAGED_BY] = MANAGED_BY
+    labels[LABEL_CONNECTION_ID] = id_label_value(connection_id)
+    if session_id is not None:
+        labels[LABEL_SESSION_ID] = id_label_value(session_id)
+    if gateway is not None:
+        labels[LABEL_GATEWAY] = id_label_value(gateway)
+    user_label = sanitize_label_value(username)
+    if user_label is not None:
+        labels[LABEL_USERNAME] = user_label
+    else:
+        # A template label must not claim a username the user does not have.
+        labels.pop(LABEL_USERNAME, None)
+    metadata["labels"] = labels
+
+    annotations = dict(metadata.get("annotations") or {})
+    annotations[ANNOTATION_USERNAME] = username
+    if client_address is not None:
+        annotations[ANNOTATION_CLIENT_ADDRESS] = client_address
+    metadata["annotations"] = annotations
+
+    if owner is not None:
+        missing = [k for k in ("apiVersion", "kind", "name", "uid") if not owner.get(k)]
+        if missing:
+            raise ValueError(f"owner reference lacks {', '.join(missing)}")
+        reference = {k: owner[k] for k in ("apiVersion", "kind", "name", "uid")}
+        metadata["ownerReferences"] = [*(metadata.get("ownerReferences") or []), reference]
+
+    containers = spec.get("containers") or []
+    console = next(
+        (c for c in containers if isinstance(c, dict) and c.get("name") == pod.console_container),
+        None,
+    )
+    if console is None:
+        raise ConfigError(
+            "pod.console_container", f"no container named {pod.console_container!r} in pod.spec"
+        )
+    console["command"] = list(pod.idle_command)
+    console.pop("args", None)
+    # Sessions bring their own stdin and tty through exec; the idle command
+    # must not hold a stdin of its own open.
+    console["stdin"] = False
+    console["stdinOnce"] = False
+    console["tty"] = False
+
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+# --------------------------------------------------------------------------
+# Commands run through exec
+
+# $0 is "kuberun"; $1 the PID file or ""; then NAME=value words; then "--";
+# then the program's argv.  The script keeps no variables of its own, so an
+# exported name (even "n", "p" or "IFS") cannot change what it does next;
+# "--" cannot be an env word, which always holds "=".  `export "$1"` hands the
+# word to the builtin after expansion, so the value is taken literally, never
+# re-read as shell code.  The PID file is written before `exec`, so it holds
+# the PID the program runs under; failing to write it is not fatal (signal
+# delivery then fails on its own; the session still works).
+_WRAPPER = (
+    'if [ -n "$1" ]; then { echo "$$" > "$1"; } 2>/dev/null; fi; shift; '
+    'while [ "$1" != -- ]; do export "$1"; shift; done; shift; '
+    'exec "$@"'
+)
+
+# $1 the signal name (checked against SIGNAL_NAMES first), $2 the PID file.
+# Only builtins: `read` instead of `cat`, so nothing but sh is needed.  The
+# PID must be digits without a leading zero and not 1: "-1", "0" or "1" in a
+# tampered file would otherwise signal every process or the idle command.
+_KILLER = (
+    'read -r pid < "$2" || exit 1; '
+    'case $pid in ""|*[!0-9]*|0*|1) exit 1;; esac; '
+    'kill -s "$1" "$pid"'
+)
+
+
+def valid_env_name(name: str) -> bool:
+    """Whether ``name`` is a portable environment variable name (``[A-Za-z_][A-Za-z0-9_]*``)."""
+    return _ENV_NAME.fullmatch(name) is not None
+
+
+def env_allowed(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` matches one of ``patterns`` (OpenSSH ``AcceptEnv`` style).
+
+    ``*`` matches any run of characters, ``?`` any one; matching is case
+    sensitive.  Names that are not valid variable names never match.
+    """
+    return valid_env_name(name) and any(fnmatchcase(name, p) for p in patterns)
+
+
+def _check_arg(what: str, value: str) -> None:
+    if "\0" in value:
+        raise ValueError(f"{what} contains a NUL character")
+
+
+def exec_argv(command: str) -> list[str]:
+    """The argv for an SSH ``exec`` request: ``/bin/sh -c COMMAND``, as OpenSSH runs it.
+
+    :raises ValueError: if ``command`` contains a NUL character.
+    """
+    _check_arg("the command", command)
+    return ["/bin/sh", "-c", command]
+
+
+def wrap_command(
+    argv: Sequence[str], *, env: Mapping[str, str] | None = None, pid_file: str | None = None
+) -> list[str]:
+    """Wrap ``argv`` so that ``env`` is exported and its PID written to ``pid_file``.
+
+    The result is ``["/bin/sh", "-c", SCRIPT, "kuberun", PID_FILE_OR_EMPTY,
+    "NAME=value", ..., "--", *argv]``: the script records ``$$``, exports each
+    word with ``export "$1"`` and ``exec``-s the program, which thus keeps
+    the recorded PID.  Values are data, never code.  With no env
+    and no PID file, ``argv`` is returned unchanged.
+
+    :raises ValueError: for an empty argv, an invalid variable name, or a
+        NUL character anywhere (argv strings cannot carry one).
+    """
+    if not argv:
+        raise ValueError("empty argv")
+    env = env or {}
+    for i, arg in enumerate(argv):
+        _check_arg(f"argv[{i}]", arg)
+    if not env and pid_file is None:
+        return list(argv)
+    words = []
+    for name, value in env.items():
+        if not valid_env_name(name):
+            raise ValueError(f"invalid environment variable name {name!r}")
+        _check_arg(f"the value of {name}", value)
+        words.append(f"{name}={value}")
+    if pid_file is not None:
+        _check_arg("the PID file path", pid_file)
+    return ["/bin/sh", "-c", _WRAPPER, "kuberun", pid_file or "", *words, "--", *argv]
+
+
+def _file_part(value: str) -> str:
+    """A file-name-safe, collision-free form of an identifier."""
+    cleaned = _UNSAFE_RUN.sub("-", value).strip(".-")[:40]
+    if cleaned == value:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def pid_file_path(pid_dir: str, connection_id: str, channel_id: str) -> str:
+    """Where the wrapper records the PID of one channel's program inside the Pod.
+
+    The identifiers are reduced to file-name-safe characters (with a hash
+    when that changes them), so they cannot escape ``pid_dir``.
+    """
+    directory = pid_dir.rstrip("/") or ""
+    return f"{directory}/kuberun-{_file_part(connection_id)}-{_file_part(channel_id)}.pid"
+
+
+def kill_argv(signal_name: str, pid_file: str) -> list[str]:
+    """The argv of an exec that sends ``signal_name`` to the PID in ``pid_file``.
+
+    ``signal_name`` is an RFC 4254 name without ``SIG`` (``"TERM"``,
+    ``"USR1"``, see :data:`SIGNAL_NAMES`).  Both values reach ``sh`` as
+    positional arguments, never as script text.  The exec exits 0 when the
+    signal was sent, non-zero when the file is missing or does not hold a
+    plausible PID, or the process is gone.
+
+    :raises ValueError: for a signal name outside :data:`SIGNAL_NAMES`.
+    """
+    if signal_name not in SIGNAL_NAMES:
+        raise ValueError(f"unknown signal name {signal_name!r}")
+    _check_arg("the PID file path", pid_file)
+    return ["/bin/sh", "-c", _KILLER, "kuberun", signal_name, pid_file]

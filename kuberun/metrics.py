@@ -1,0 +1,171 @@
+"""Prometheus metrics of the gateway.
+
+All metrics live in one :class:`Metrics` object on a registry of its own
+(injectable), so two gateways in one process, or two tests, never share
+counters::
+
+    metrics = Metrics()
+    server = await start_metrics_server("127.0.0.1:9100", metrics.registry)
+    ...
+    await server.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+
+from .config import parse_listen
+
+__all__ = ["DIRECTIONS", "Metrics", "MetricsServer", "metrics_handler", "start_metrics_server"]
+
+#: Values of the ``direction`` label of ``kuberun_relayed_bytes_total``.
+DIRECTIONS = ("stdout", "stderr", "stdin")
+
+# Pod start is dominated by scheduling and image pulls: seconds to minutes.
+_POD_START_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300)
+# Opening an exec is one TLS connection and one HTTP upgrade: milliseconds.
+_EXEC_OPEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Every metric kuberun exports, registered on ``registry``.
+
+    :param registry:
+        The registry to register on; by default a new private one (never
+        prometheus-client's global registry, so nothing leaks between
+        instances).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.backend_requests = Counter(
+            "kuberun_backend_requests",
+            "Requests sent to the Kubernetes API server.",
+            registry=r,
+        )
+        self.backend_failures = Counter(
+            "kuberun_backend_failures",
+            "Kubernetes API requests that failed (error status or connection error).",
+            registry=r,
+        )
+        self.connections = Gauge(
+            "kuberun_connections", "SSH connections currently open.", registry=r
+        )
+        self.sessions = Gauge(
+            "kuberun_sessions", "SSH session channels currently open.", registry=r
+        )
+        self.pod_start_seconds = Histogram(
+            "kuberun_pod_start_seconds",
+            "Seconds from creating a Pod until it was ready.",
+            buckets=_POD_START_BUCKETS,
+            registry=r,
+        )
+        self.exec_open_seconds = Histogram(
+            "kuberun_exec_open_seconds",
+            "Seconds to open one exec stream (connect, TLS, upgrade).",
+            buckets=_EXEC_OPEN_BUCKETS,
+            registry=r,
+        )
+        self.relayed_bytes = Counter(
+            "kuberun_relayed_bytes",
+            "Payload bytes relayed between SSH channels and exec streams.",
+            ["direction"],
+            registry=r,
+        )
+        for direction in DIRECTIONS:
+            # Present from the start, so rate() works before the first byte.
+            self.relayed_bytes.labels(direction=direction)
+        self.stdin_eof_undeliverable = Counter(
+            "kuberun_stdin_eof_undeliverable",
+            "SSH EOFs that could not be passed on (API server without v5.channel.k8s.io).",
+            registry=r,
+        )
+        self.pods_created = Counter(
+            "kuberun_pods_created", "Pods created by kuberun.", registry=r
+        )
+        self.pods_deleted = Counter(
+            "kuberun_pods_deleted", "Pods deleted by kuberun.", registry=r
+        )
+        self.pod_start_failures = Counter(
+            "kuberun_pod_start_failures",
+            "Pods that did not become ready, by reason (ErrImagePull, Timeout, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.exec_failures = Counter(
+            "kuberun_exec_failures",
+            "Exec streams that failed to open or were lost, by reason.",
+            ["reason"],
+            registry=r,
+        )
+
+
+def metrics_handler(
+    registry: CollectorRegistry,
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An aiohttp handler serving ``registry`` (``generate_latest`` output).
+
+    Mount it in an application of your own, or use :func:`start_metrics_server`.
+    The text exposition format is the default; OpenMetrics is served when the
+    scraper's ``Accept`` header asks for it.
+    """
+
+    async def handle(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        # A few dozen series render in well under a millisecond: no thread.
+        return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+    return handle
+
+
+class MetricsServer:
+    """A running ``/metrics`` endpoint; see :func:`start_metrics_server`."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        #: The address actually bound (the real port when 0 was asked for).
+        self.host = host
+        self.port = port
+
+    async def close(self) -> None:
+        """Stop serving and release the socket."""
+        await self._runner.cleanup()
+
+    async def __aenter__(self) -> MetricsServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+async def start_metrics_server(listen: str, registry: CollectorRegistry) -> MetricsServer:
+    """Serve ``registry`` as Prometheus ``/metrics`` on ``listen`` (``"HOST:PORT"``).
+
+    Runs on the current event loop (aiohttp).  The text exposition format is
+    served by default and OpenMetrics when the scraper asks for it.  Port 0
+    binds a free port; :attr:`MetricsServer.port` tells which.
+
+    :raises ConfigError: if ``listen`` is malformed (path ``metrics.listen``).
+    :raises OSError: if the address cannot be bound.
+    """
+    host, port = parse_listen(listen, "metrics.listen")
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_handler(registry))
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = host, port
+    for address in runner.addresses:
+        bound_host, bound_port = address[0], address[1]
+        break
+    return MetricsServer(runner, bound_host, int(bound_port))
