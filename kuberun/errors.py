@@ -8,6 +8,11 @@ connection, so the mapping to the wire lives next to the error itself.
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_EXEC_ERROR",
+    "EXIT_EXEC_FAILED",
+    "EXIT_POD_FAILED",
+    "EXIT_SHUTDOWN",
+    "EXIT_STREAM_LOST",
     "CommandStartError",
     "ConfigError",
     "ExecError",
@@ -17,6 +22,7 @@ __all__ = [
     "KuberunError",
     "PodStartError",
     "PodStartTimeout",
+    "exit_status_for",
 ]
 
 
@@ -92,3 +98,32 @@ class ExecError(KuberunError):
 
 class ExecStreamLost(KuberunError):
     """The exec stream ended without a status (connection reset, API server gone)."""
+
+
+# Exit statuses the SSH client sees when kuberun, not the program, ended a session.
+# They sit at the top of the range, away from shell conventions (126, 127, 128+N),
+# and are documented in the README.
+
+#: The Pod could not be created or did not become ready.
+EXIT_POD_FAILED = 250
+#: The exec could not be opened (API server refused or unreachable).
+EXIT_EXEC_FAILED = 251
+#: The exec stream was lost mid-session (connection dropped, protocol violation).
+EXIT_STREAM_LOST = 252
+#: The exec ended with a failure status that carries no exit code.
+EXIT_EXEC_ERROR = 253
+#: The gateway is shutting down.
+EXIT_SHUTDOWN = 254
+
+
+def exit_status_for(exc: BaseException) -> int:
+    """The exit status the SSH client sees for an error that ended its session."""
+    if isinstance(exc, PodStartError):
+        return EXIT_POD_FAILED
+    if isinstance(exc, CommandStartError):
+        return EXIT_EXEC_FAILED
+    if isinstance(exc, ExecError):
+        return EXIT_EXEC_ERROR
+    if isinstance(exc, KubernetesAPIError):
+        return EXIT_POD_FAILED
+    return EXIT_STREAM_LOST

@@ -1,0 +1,491 @@
+"""asyncio glue for one Kubernetes exec: the WebSocket upgrade, the relay codec, flow control.
+
+kuberun opens the exec WebSocket itself instead of going through aiohttp: one
+TLS connection per exec, an :class:`asyncio.BufferedProtocol` whose receive
+buffer belongs to the relay decoder (uvloop decrypts straight into it), and
+payload views handed to the SSH channel as they arrive. Nothing here runs per
+frame except the decoder's sink calls; there are no per-frame awaits or futures.
+
+Flow control is coupled both ways:
+
+* SSH channel send buffer full → :meth:`ExecStream.pause_output` →
+  ``transport.pause_reading()`` → TCP window closes → the API server stops.
+* TLS socket write buffer full → ``listener.exec_pause_input()`` → the SSH
+  channel stops reading → the SSH window closes → the client stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
+
+from . import relay
+from .errors import (
+    CommandStartError,
+    ExecError,
+    ExecProtocolError,
+    ExecStreamLost,
+    KuberunError,
+)
+from .upgrade import (
+    MAX_HEAD,
+    SUBPROTOCOLS,
+    accept_key,
+    build_request,
+    error_message,
+    exec_path,
+    new_key,
+    parse_response_head,
+)
+
+__all__ = ["ExecConnector", "ExecListener", "ExecResult", "ExecStream"]
+
+_log = logging.getLogger(__name__)
+
+#: Pause the SSH side once this much stdin waits in the TLS write buffer.
+WRITE_HIGH_WATER = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How an exec ended: an exit status, or an error that explains why there is none."""
+
+    exit_status: int | None
+    error: KuberunError | None = None
+
+
+class ExecListener(Protocol):
+    """What an :class:`ExecStream` reports to (the SSH session implements it)."""
+
+    # Attributes rather than methods so a session can hand over the SSH
+    # channel's own bound ``write``/``write_stderr`` with no wrapper call.
+    @property
+    def exec_stdout(self) -> Callable[[memoryview], object]: ...
+    @property
+    def exec_stderr(self) -> Callable[[memoryview], object]: ...
+
+    def exec_pause_input(self) -> None: ...
+    def exec_resume_input(self) -> None: ...
+    def exec_finished(self, result: ExecResult) -> None: ...
+
+
+class _Sink:
+    """Adapter handed to the relay decoder; output calls go straight to the listener."""
+
+    __slots__ = ("on_close", "on_ping", "on_status", "on_stderr", "on_stdout")
+
+    def __init__(self, stream: ExecStream, listener: ExecListener) -> None:
+        self.on_stdout = listener.exec_stdout
+        self.on_stderr = listener.exec_stderr
+        self.on_status = stream._on_status
+        self.on_ping = stream._on_ping
+        self.on_close = stream._on_close
+
+
+class ExecStream(asyncio.BufferedProtocol):
+    """One exec WebSocket. Create it with :meth:`ExecConnector.open`."""
+
+    def __init__(self, listener: ExecListener, key: str, ping_interval: float) -> None:
+        self._listener = listener
+        self._key = key
+        self._ping_interval = ping_interval
+        self._transport: asyncio.Transport | None = None
+        # The response head is read into this buffer; a refusal's body reuses it as scratch.
+        self._head = bytearray(MAX_HEAD + 4)
+        self._head_len = 0
+        self._response_body: bytearray | None = None
+        self._refused: Any = None
+        self._body_left = -1
+        self._decoder: Any = None
+        self._encoder = relay.ExecEncoder()
+        self._upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._status: bytes | None = None
+        self._finished = False
+        self._done: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self._rx_seen = True
+        self._stdin_closed = False
+        self.protocol = ""
+
+    # -- asyncio protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._decoder is not None:
+            buf: memoryview = self._decoder.get_buffer(sizehint)
+            return buf
+        if self._response_body is not None:
+            return memoryview(self._head)
+        return memoryview(self._head)[self._head_len :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._rx_seen = True
+        decoder = self._decoder
+        if decoder is not None:
+            try:
+                decoder.buffer_updated(nbytes)
+            except ExecProtocolError as exc:
+                self._fail(exc)
+            except Exception as exc:  # the SSH side went away mid-write, or a bug
+                self._fail(ExecStreamLost(f"relay stopped: {exc!r}"))
+            return
+        if self._response_body is not None:
+            self._collect_body(nbytes)
+            return
+        self._head_len += nbytes
+        self._try_parse_head()
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_ping()
+        self._transport = None
+        if not self._upgraded.done():
+            if self._refused is not None:
+                self._upgraded.set_exception(
+                    CommandStartError(
+                        error_message(self._refused, bytes(self._response_body or b""))
+                    )
+                )
+            else:
+                self._upgraded.set_exception(
+                    CommandStartError(f"API server closed the connection during the upgrade: {exc}")
+                )
+            return
+        if self._status is not None:
+            self._finish(self._result_from_status())
+        else:
+            detail = f": {exc}" if exc else ""
+            self._finish(ExecResult(None, ExecStreamLost(f"exec stream lost{detail}")))
+
+    def pause_writing(self) -> None:
+        self._listener.exec_pause_input()
+
+    def resume_writing(self) -> None:
+        self._listener.exec_resume_input()
+
+    # -- handshake --------------------------------------------------------
+
+    def _try_parse_head(self) -> None:
+        view = memoryview(self._head)[: self._head_len]
+        end = bytes(view).find(b"\r\n\r\n")
+        if end < 0:
+            if self._head_len >= MAX_HEAD:
+                self._abort_upgrade(CommandStartError("API server sent an oversized response head"))
+            return
+        try:
+            response = parse_response_head(bytes(view[:end]))
+        except CommandStartError as exc:
+            self._abort_upgrade(exc)
+            return
+        rest = bytes(view[end + 4 :])
+        if response.status != 101:
+            self._refused = response
+            self._response_body = bytearray(rest)
+            length = response.header("content-length")
+            self._body_left = int(length) - len(rest) if length.isdigit() else -1
+            self._collect_body(0)
+            return
+        problem = ""
+        if response.header("sec-websocket-accept") != accept_key(self._key):
+            problem = "bad Sec-WebSocket-Accept"
+        elif response.header("upgrade").lower() != "websocket":
+            problem = "missing 'Upgrade: websocket'"
+        protocol = response.header("sec-websocket-protocol")
+        if not problem and protocol not in SUBPROTOCOLS:
+            problem = f"unexpected subprotocol {protocol!r}"
+        if problem:
+            self._abort_upgrade(
+                CommandStartError(f"invalid WebSocket upgrade from the API server: {problem}")
+            )
+            return
+        self.protocol = protocol
+        self._decoder = relay.ExecDecoder(cast(Any, _Sink(self, self._listener)), protocol)
+        self._head = bytearray()
+        self._upgraded.set_result(None)
+        self._arm_ping()
+        if rest:
+            try:
+                self._decoder.feed(rest)
+            except ExecProtocolError as exc:
+                self._fail(exc)
+
+    def _collect_body(self, nbytes: int) -> None:
+        # Bodies of refusals are small Status objects; keep at most 64 KiB.
+        body = self._response_body
+        assert body is not None
+        if nbytes:
+            body += self._head[:nbytes]
+            if self._body_left > 0:
+                self._body_left -= nbytes
+        done = self._body_left == 0 or len(body) > 65536
+        if done and self._transport is not None:
+            self._transport.close()
+
+    def _abort_upgrade(self, exc: CommandStartError) -> None:
+        if not self._upgraded.done():
+            self._upgraded.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- decoder callbacks ------------------------------------------------
+
+    def _on_status(self, data: bytes) -> None:
+        self._status = data
+        # Kubernetes sends all output before the status, so the exec is over:
+        # report now rather than waiting for the close handshake.
+        self._finish(self._result_from_status())
+        self._send(self._encoder.close(1000, ""))
+        if self._transport is not None:
+            self._transport.close()
+
+    def _on_ping(self, payload: bytes) -> None:
+        self._send(self._encoder.pong(payload))
+
+    def _on_close(self, code: int | None, reason: str) -> None:
+        self._send(self._encoder.close(1000, ""))
+        if self._transport is not None:
+            self._transport.close()
+        if self._status is None:
+            why = f" (code {code}{', ' + reason if reason else ''})" if code is not None else ""
+            self._finish(
+                ExecResult(
+                    None, ExecStreamLost(f"API server closed the exec stream without a status{why}")
+                )
+            )
+
+    def _result_from_status(self) -> ExecResult:
+        try:
+            return ExecResult(relay.decode_status(self._status or b"", self.protocol))
+        except ExecError as exc:
+            return ExecResult(None, exc)
+
+    # -- helpers ----------------------------------------------------------
+
+    def _send(self, frame: bytes) -> None:
+        if frame and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frame)
+
+    def _fail(self, exc: KuberunError) -> None:
+        self._finish(ExecResult(None, exc))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _finish(self, result: ExecResult) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._cancel_ping()
+        if not self._done.done():
+            self._done.set_result(result)
+        self._listener.exec_finished(result)
+
+    def _arm_ping(self) -> None:
+        if self._ping_interval > 0 and not self._finished:
+            loop = asyncio.get_running_loop()
+            self._ping_handle = loop.call_later(self._ping_interval, self._ping_tick)
+
+    def _ping_tick(self) -> None:
+        self._ping_handle = None
+        if self._finished or self._transport is None:
+            return
+        if not self._rx_seen:
+            # Nothing at all (not even a pong) for a whole interval after a ping.
+            self._fail(ExecStreamLost("API server stopped answering WebSocket pings"))
+            return
+        self._rx_seen = False
+        self._send(self._encoder.ping(b""))
+        self._arm_ping()
+
+    def _cancel_ping(self) -> None:
+        if self._ping_handle is not None:
+            self._ping_handle.cancel()
+            self._ping_handle = None
+
+    # -- public API -------------------------------------------------------
+
+    @property
+    def can_close_stdin(self) -> bool:
+        """True when the negotiated protocol can deliver stdin EOF (v5)."""
+        return bool(self.protocol == relay.PROTOCOL_V5)
+
+    @property
+    def stdout_bytes(self) -> int:
+        return int(self._decoder.stdout_bytes) if self._decoder is not None else 0
+
+    @property
+    def stderr_bytes(self) -> int:
+        return int(self._decoder.stderr_bytes) if self._decoder is not None else 0
+
+    @property
+    def stdin_bytes(self) -> int:
+        return int(self._encoder.stdin_bytes)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def write_stdin(self, data: bytes) -> None:
+        """Send SSH stdin to the process (one transport write, however large)."""
+        transport = self._transport
+        if transport is not None and not self._stdin_closed and not self._finished:
+            transport.write(self._encoder.stdin(data))
+
+    def close_stdin(self) -> bool:
+        """Deliver stdin EOF. Returns False on a v4 server, where it cannot be delivered."""
+        if self._stdin_closed:
+            return True
+        self._stdin_closed = True
+        if not self.can_close_stdin:
+            return False
+        self._send(self._encoder.close_stdin())
+        return True
+
+    def resize(self, width: int, height: int) -> None:
+        """Send a terminal size on channel 4."""
+        if not self._finished:
+            self._send(self._encoder.resize(width, height))
+
+    def pause_output(self) -> None:
+        """Stop reading from the API server (the SSH side is full)."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_output(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def abort(self) -> None:
+        """Drop the stream now; the listener gets a result if it had none."""
+        if self._transport is not None:
+            self._send(self._encoder.close(1000, ""))
+            self._transport.close()
+        if not self._finished:
+            self._finish(ExecResult(None, ExecStreamLost("exec stream closed by kuberun")))
+
+    async def wait(self) -> ExecResult:
+        """Wait until the exec has ended."""
+        return await asyncio.shield(self._done)
+
+
+class ExecConnector:
+    """Opens exec streams with the API server address and credentials of a
+    kubernetes-asyncio ``Configuration``.
+
+    The TLS context is built once and reused; the bearer token is fetched for
+    every exec through the Configuration, so refresh hooks and exec credential
+    plugins keep working.
+    """
+
+    def __init__(self, configuration: Any, *, ping_interval: float = 30.0) -> None:
+        self._conf = configuration
+        self._ping_interval = ping_interval
+        url = urlsplit(str(configuration.host))
+        if url.scheme not in ("https", "http"):
+            raise CommandStartError(f"unsupported API server URL {configuration.host!r}")
+        self._tls = url.scheme == "https"
+        self._host = url.hostname or "localhost"
+        self._port = url.port or (443 if self._tls else 80)
+        self._prefix = url.path or ""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        default_port = 443 if self._tls else 80
+        self._host_header = host if self._port == default_port else f"{host}:{self._port}"
+        self._ssl: ssl.SSLContext | None = self._make_ssl() if self._tls else None
+        self._server_hostname = getattr(configuration, "tls_server_name", None) or self._host
+
+    def _make_ssl(self) -> ssl.SSLContext:
+        conf = self._conf
+        ctx = ssl.create_default_context(cafile=conf.ssl_ca_cert or None)
+        if conf.cert_file:
+            ctx.load_cert_chain(conf.cert_file, keyfile=conf.key_file)
+        if not conf.verify_ssl:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        # The exec stream is HTTP/1.1 only (a WebSocket upgrade cannot ride HTTP/2).
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    async def _auth_headers(self) -> dict[str, str]:
+        settings = await self._conf.auth_settings()
+        headers: dict[str, str] = {}
+        bearer = settings.get("BearerToken")
+        if bearer and bearer.get("value"):
+            headers["Authorization"] = str(bearer["value"])
+        elif getattr(self._conf, "username", None) and getattr(self._conf, "password", None):
+            headers["Authorization"] = str(self._conf.get_basic_auth_token())
+        return headers
+
+    async def open(
+        self,
+        namespace: str,
+        pod: str,
+        container: str,
+        command: Sequence[str],
+        listener: ExecListener,
+        *,
+        stdin: bool = True,
+        tty: bool = False,
+        timeout: float = 30.0,
+    ) -> ExecStream:
+        """Open an exec stream; returns once the API server has switched protocols.
+
+        :raises CommandStartError: the upgrade was refused (the message carries
+            the API server's own explanation) or did not finish in ``timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        key = new_key()
+        target = exec_path(self._prefix, namespace, pod, container, command, stdin=stdin, tty=tty)
+        headers = await self._auth_headers()
+        request = build_request(self._host_header, target, key, headers)
+        opened: list[asyncio.Transport] = []
+
+        async def connect() -> ExecStream:
+            transport, proto = await loop.create_connection(
+                lambda: ExecStream(listener, key, self._ping_interval),
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._server_hostname if self._ssl else None,
+            )
+            assert isinstance(transport, asyncio.Transport)
+            opened.append(transport)
+            transport.write(request)
+            await proto._upgraded
+            return proto
+
+        try:
+            proto = await asyncio.wait_for(connect(), timeout)
+        except asyncio.TimeoutError:
+            for transport in opened:
+                transport.abort()
+            raise CommandStartError(
+                f"exec did not start within {timeout:.0f}s (API server {self._host}:{self._port})"
+            ) from None
+        except ssl.SSLError as exc:
+            raise CommandStartError(f"TLS failure talking to the API server: {exc}") from exc
+        except OSError as exc:
+            raise CommandStartError(f"cannot reach the API server: {exc}") from exc
+        except BaseException:
+            for transport in opened:
+                transport.abort()
+            raise
+        _log.debug(
+            "exec in %s/%s opened with %s in %.1f ms",
+            namespace,
+            pod,
+            proto.protocol,
+            (time.monotonic() - started) * 1000,
+        )
+        return proto

@@ -1,0 +1,307 @@
+"""The library API: a handler per SSH connection, sessions per channel.
+
+The shape follows the original kuberun library::
+
+    handler = kuberun.new(client, connection_id, config, logger,
+                          backend_requests_counter, backend_failures_counter)
+    conn_handler = await handler.on_handshake_success(username)   # Pod is ready
+    session = conn_handler.new_session()                          # per session channel
+    ...
+    await handler.on_disconnect()                                 # Pod is deleted
+
+:class:`kuberun.SSHServer` drives these hooks for an asyncssh server; call
+them yourself to embed kuberun elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from kubernetes_asyncio import client as k8s
+
+from .config import Config
+from .errors import PodStartError
+from .execstream import ExecConnector
+from .lease import PodLease
+from .manifests import LABEL_CONNECTION_ID, LABEL_MANAGED_BY, MANAGED_BY, build_pod
+from .pods import PodController, PodRef
+from .session import KuberunSession
+
+__all__ = ["NetworkHandler", "SSHConnectionHandler", "new"]
+
+LABEL_SESSION_ID = "kuberun.io/session-id"
+
+_connectors: weakref.WeakKeyDictionary[Any, dict[float, ExecConnector]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _connector_for(client: k8s.ApiClient, ping_interval: float) -> ExecConnector:
+    """One :class:`ExecConnector` (and so one TLS context) per client configuration."""
+    conf = client.configuration
+    by_interval = _connectors.setdefault(conf, {})
+    connector = by_interval.get(ping_interval)
+    if connector is None:
+        connector = by_interval[ping_interval] = ExecConnector(conf, ping_interval=ping_interval)
+    return connector
+
+
+def new(
+    client: k8s.ApiClient,
+    connection_id: str,
+    config: Config,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    backend_requests_counter: Any = None,
+    backend_failures_counter: Any = None,
+    *,
+    metrics: Any = None,
+    client_address: str | None = None,
+    gateway: str | None = None,
+    owner: Mapping[str, str] | None = None,
+    track: Callable[[asyncio.Task[Any]], None] | None = None,
+) -> NetworkHandler:
+    """Create the handler for one SSH connection.
+
+    :param client: a kubernetes-asyncio ``ApiClient``; its Configuration also
+        supplies the address and credentials for exec streams
+    :param connection_id: unique id of the connection; it labels the Pod
+        (``kuberun.io/connection-id``) and must be a valid label value
+    :param config: the gateway :class:`~kuberun.config.Config`
+    :param logger: where to log; a ``LoggerAdapter`` carrying the connection id
+        is a good choice
+    :param backend_requests_counter: incremented on every Kubernetes API call
+        (anything with ``inc()``, e.g. a prometheus-client Counter)
+    :param backend_failures_counter: incremented on every failed API call
+    :param metrics: optional :class:`~kuberun.metrics.Metrics` for the rest
+    :param client_address: recorded in a Pod annotation
+    :param gateway: gateway instance name, recorded in the ``kuberun.io/gateway`` label
+    :param owner: ``ownerReference`` fields (apiVersion, kind, name, uid) for the Pod
+    :param track: receives background tasks (Pod deletions, signal execs) so
+        the caller can wait for them on shutdown
+    """
+    if metrics is not None:
+        backend_requests_counter = backend_requests_counter or metrics.backend_requests
+        backend_failures_counter = backend_failures_counter or metrics.backend_failures
+    controller = PodController(
+        client,
+        logger=logger,
+        requests_counter=backend_requests_counter,
+        failures_counter=backend_failures_counter,
+    )
+    connector = _connector_for(client, config.kubernetes.ping_interval)
+    return NetworkHandler(
+        controller,
+        connector,
+        connection_id,
+        config,
+        logger,
+        metrics=metrics,
+        client_address=client_address,
+        gateway=gateway,
+        owner=owner,
+        track=track,
+    )
+
+
+class NetworkHandler:
+    """Pod lifecycle of one SSH connection. Create it with :func:`new`."""
+
+    def __init__(
+        self,
+        controller: PodController,
+        connector: ExecConnector,
+        connection_id: str,
+        config: Config,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        *,
+        metrics: Any = None,
+        client_address: str | None = None,
+        gateway: str | None = None,
+        owner: Mapping[str, str] | None = None,
+        track: Callable[[asyncio.Task[Any]], None] | None = None,
+    ) -> None:
+        self.controller = controller
+        self.connector = connector
+        self.connection_id = connection_id
+        self.config = config
+        self.logger = logger
+        self.metrics = metrics
+        self.client_address = client_address
+        self.gateway = gateway
+        self.owner = owner
+        self._track = track
+        self._handler: SSHConnectionHandler | None = None
+        self._disconnected = False
+
+    def connection_handler(self, username: str) -> SSHConnectionHandler:
+        """The connection handler, created on first call; in connection mode
+        this starts the Pod without waiting for it."""
+        if self._handler is None:
+            self._handler = SSHConnectionHandler(self, username)
+            if self.config.pod.mode == "connection" and not self._disconnected:
+                self._handler.start_connection_pod()
+        return self._handler
+
+    async def on_handshake_success(self, username: str) -> SSHConnectionHandler:
+        """Create the Pod (connection mode) and wait until it is ready.
+
+        :raises PodStartError: the Pod cannot start (it has been deleted already)
+        """
+        handler = self.connection_handler(username)
+        if self.config.pod.mode == "connection":
+            await handler.wait_connection_pod()
+        return handler
+
+    async def on_disconnect(self) -> None:
+        """Cancel a pending Pod start and delete every Pod of this connection."""
+        self._disconnected = True
+        if self._handler is not None:
+            await self._handler.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a background task the gateway will wait for at shutdown."""
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_failure(self.logger))
+        if self._track is not None:
+            self._track(task)
+        return task
+
+    def _lease(self, manifest: Mapping[str, Any], selector: str) -> PodLease:
+        return PodLease(
+            self.controller,
+            self.config.kubernetes.namespace,
+            manifest,
+            selector,
+            start_timeout=self.config.timeouts.pod_start,
+            stop_timeout=self.config.timeouts.pod_stop,
+            logger=self.logger,
+            metrics=self.metrics,
+            track=self._track,
+        )
+
+
+class SSHConnectionHandler:
+    """Session channels of one authenticated connection, and the Pod(s) they run in."""
+
+    def __init__(self, network: NetworkHandler, username: str) -> None:
+        self.network = network
+        self.username = username
+        self.config = network.config
+        self.logger = network.logger
+        self.metrics = network.metrics
+        self.connector = network.connector
+        self.connection_id = network.connection_id
+        self._lease: PodLease | None = None
+        self._session_leases: dict[str, PodLease] = {}
+        self._sessions: set[KuberunSession] = set()
+        self._next_session = 0
+        self._closing = False
+
+    # -- Pods ---------------------------------------------------------------
+
+    def _manifest(self, session_id: str | None) -> tuple[dict[str, Any], str]:
+        net = self.network
+        manifest = build_pod(
+            self.config.pod,
+            connection_id=self.connection_id,
+            username=self.username,
+            client_address=net.client_address,
+            gateway=net.gateway,
+            owner=net.owner,
+            session_id=session_id,
+        )
+        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_CONNECTION_ID}={self.connection_id}"
+        if session_id is not None:
+            manifest["metadata"].setdefault("labels", {})[LABEL_SESSION_ID] = session_id
+            selector += f",{LABEL_SESSION_ID}={session_id}"
+        return manifest, selector
+
+    def start_connection_pod(self) -> PodLease:
+        if self._lease is None:
+            manifest, selector = self._manifest(None)
+            self._lease = self.network._lease(manifest, selector)
+            self._lease.start()
+        return self._lease
+
+    async def wait_connection_pod(self) -> PodRef:
+        return await self.start_connection_pod().wait()
+
+    async def acquire_pod(self, session_id: str, progress: Callable[[str], None]) -> PodRef:
+        """The Pod a session runs in: the connection's, or (session mode) its own."""
+        if self._closing:
+            raise PodStartError("the connection is closing", "Closed")
+        if self.config.pod.mode == "connection":
+            lease = self.start_connection_pod()
+        else:
+            existing = self._session_leases.get(session_id)
+            if existing is None:
+                manifest, selector = self._manifest(session_id)
+                existing = self.network._lease(manifest, selector)
+                self._session_leases[session_id] = existing
+            lease = existing
+        lease.subscribe(progress)
+        try:
+            return await lease.wait()
+        finally:
+            lease.unsubscribe(progress)
+
+    # -- sessions -----------------------------------------------------------
+
+    def new_session(self) -> KuberunSession:
+        """A session object for one new SSH session channel."""
+        self._next_session += 1
+        return KuberunSession(self, f"s{self._next_session}")
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def session_opened(self, session: KuberunSession) -> None:
+        self._sessions.add(session)
+        if self.metrics is not None:
+            self.metrics.sessions.inc()
+
+    def session_closed(self, session: KuberunSession) -> None:
+        if session in self._sessions:
+            self._sessions.discard(session)
+            if self.metrics is not None:
+                self.metrics.sessions.dec()
+        lease = self._session_leases.pop(session._id, None)
+        if lease is not None:
+            self.spawn(lease.release())
+
+    def count_exec_failure(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.exec_failures.labels(reason=reason).inc()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self.network.spawn(coro)
+
+    def shutdown(self, message: str) -> None:
+        """End every session with ``message`` on its stderr (gateway shutdown)."""
+        for session in list(self._sessions):
+            session.shutdown(message)
+
+    async def close(self) -> None:
+        """Delete every Pod of this connection (waits for the deletions)."""
+        self._closing = True
+        leases = list(self._session_leases.values())
+        self._session_leases.clear()
+        if self._lease is not None:
+            leases.append(self._lease)
+        if leases:
+            await asyncio.gather(*(lease.release() for lease in leases), return_exceptions=True)
+
+
+def _log_failure(
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> Callable[[asyncio.Task[Any]], None]:
+    def done(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task failed", exc_info=task.exception())
+
+    return done

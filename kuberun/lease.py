@@ -1,0 +1,195 @@
+"""A Pod held for one SSH connection (or one session): start it once, release it always.
+
+:class:`PodLease` is where the "no Pod leaks, ever" promise is kept. Whatever
+happens — the Pod fails to start, the client vanishes while it is starting,
+the create call loses its answer, the gateway shuts down — :meth:`release`
+ends with the Pod deleted or with an error logged after ``timeouts.pod_stop``
+of retries. Deletion runs in a task of its own so a cancelled caller cannot
+abandon it halfway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import KubernetesAPIError, PodStartError, PodStartTimeout
+from .pods import PodController, PodRef, pod_progress
+
+__all__ = ["PodLease"]
+
+ProgressListener = Callable[[str], None]
+
+
+class PodLease:
+    """One Pod's life: :meth:`start` creates it and waits for Ready, :meth:`release` deletes it.
+
+    :param label_selector: selects exactly this lease's Pod (kuberun's
+        managed-by label plus the connection or session id); used to find a
+        Pod whose create call lost its answer.
+    :param track: called with every deletion task so the owner (the gateway)
+        can wait for them on shutdown.
+    """
+
+    def __init__(
+        self,
+        controller: PodController,
+        namespace: str,
+        manifest: Mapping[str, Any],
+        label_selector: str,
+        *,
+        start_timeout: float,
+        stop_timeout: float,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        metrics: Any = None,
+        track: Callable[[asyncio.Task[Any]], None] | None = None,
+    ) -> None:
+        self._controller = controller
+        self._namespace = namespace
+        self._manifest = manifest
+        self._selector = label_selector
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._logger = logger
+        self._metrics = metrics
+        self._track = track
+        self._listeners: list[ProgressListener] = []
+        self._lines: list[str] = []
+        self._task: asyncio.Task[PodRef] | None = None
+        self._ref: PodRef | None = None
+        self._create_sent = False
+        self._released = False
+        self._cleanup: asyncio.Task[None] | None = None
+
+    # -- progress ---------------------------------------------------------
+
+    def subscribe(self, listener: ProgressListener) -> None:
+        """Receive progress lines (the ones already reported are replayed first)."""
+        for line in self._lines:
+            listener(line)
+        self._listeners.append(listener)
+
+    def unsubscribe(self, listener: ProgressListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _report(self, line: str) -> None:
+        self._lines.append(line)
+        for listener in list(self._listeners):
+            try:
+                listener(line)
+            except Exception:  # a closed channel must not break Pod start
+                self._logger.debug("progress listener failed", exc_info=True)
+
+    # -- lifecycle --------------------------------------------------------
+
+    @property
+    def ref(self) -> PodRef | None:
+        """The Pod, once created."""
+        return self._ref
+
+    def start(self) -> asyncio.Task[PodRef]:
+        """Start creating the Pod (idempotent); the task's result is the ready Pod."""
+        if self._released:
+            raise PodStartError("the connection is closing", "Closed")
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._start())
+            # The result is consumed by sessions; make sure an unobserved
+            # failure does not end up in asyncio's default exception handler.
+            self._task.add_done_callback(_consume)
+        return self._task
+
+    async def wait(self) -> PodRef:
+        """Wait until the Pod is ready (start it if needed); shared by all sessions."""
+        return await asyncio.shield(self.start())
+
+    async def _start(self) -> PodRef:
+        started = time.monotonic()
+        deadline = started + self._start_timeout
+        try:
+            self._create_sent = True
+            pod = await self._controller.create(
+                self._namespace, self._manifest, deadline, self._selector
+            )
+            meta = pod.get("metadata") or {}
+            self._ref = PodRef(self._namespace, str(meta.get("name")), str(meta.get("uid") or ""))
+            self._report(f"Pod {self._ref.name} created, {pod_progress(pod)}")
+            pod = await self._controller.wait_ready(pod, deadline, self._report)
+            self._report(f"Pod {self._ref.name} is ready")
+        except asyncio.CancelledError:
+            self._schedule_delete()
+            raise
+        except (PodStartError, KubernetesAPIError) as exc:
+            if self._metrics is not None:
+                reason = getattr(exc, "reason", "") or "Error"
+                self._metrics.pod_start_failures.labels(reason=reason).inc()
+            self._schedule_delete()
+            if isinstance(exc, KubernetesAPIError):
+                raise PodStartError(f"cannot create the Pod: {exc}", exc.reason) from exc
+            raise
+        except BaseException:
+            self._schedule_delete()
+            raise
+        if self._metrics is not None:
+            self._metrics.pod_start_seconds.observe(time.monotonic() - started)
+        if self._released:
+            # Released while the last step was finishing: do not hand out the Pod.
+            self._schedule_delete()
+            raise PodStartError("the connection closed while the Pod was starting", "Closed")
+        return self._ref
+
+    async def release(self) -> None:
+        """Cancel a pending start and delete the Pod. Safe to call many times."""
+        self._released = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+        self._schedule_delete()
+        cleanup = self._cleanup
+        if cleanup is not None:
+            await asyncio.shield(cleanup)
+
+    def _schedule_delete(self) -> None:
+        if self._cleanup is not None or not self._create_sent:
+            return
+        self._cleanup = asyncio.ensure_future(self._delete())
+        if self._track is not None:
+            self._track(self._cleanup)
+
+    async def _delete(self) -> None:
+        ref = self._ref
+        if ref is None:
+            # The create call was cut short: its Pod may exist without our
+            # knowing its name. Find it by its labels.
+            ref = await self._find_orphan()
+            if ref is None:
+                return
+        deleted = await self._controller.delete(ref, self._stop_timeout)
+        if deleted:
+            self._logger.info("Pod %s deleted", ref.name)
+            if self._metrics is not None:
+                self._metrics.pods_deleted.inc()
+
+    async def _find_orphan(self) -> PodRef | None:
+        deadline = time.monotonic() + self._stop_timeout
+        try:
+            pods = await self._controller.list_pods(self._namespace, self._selector, deadline)
+        except (KubernetesAPIError, PodStartTimeout) as exc:
+            self._logger.error("cannot look for a half-created Pod: %s", exc)
+            return None
+        for pod in pods:
+            meta = pod.get("metadata") or {}
+            return PodRef(self._namespace, str(meta.get("name")), str(meta.get("uid") or ""))
+        return None
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

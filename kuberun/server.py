@@ -1,0 +1,219 @@
+"""asyncssh wiring: :class:`Gateway` (shared state) and :class:`SSHServer` (per connection).
+
+Subclass :class:`SSHServer` to add authentication and pass it to
+``asyncssh.create_server`` with :func:`server_options`::
+
+    gateway = kuberun.Gateway(config, api_client)
+
+    class MyServer(kuberun.SSHServer):
+        def begin_auth(self, username):
+            return True
+        def validate_password(self, username, password):
+            return check(username, password)
+
+    await asyncssh.create_server(lambda: MyServer(gateway), "", 2222,
+                                 server_host_keys=[...], **kuberun.server_options(config))
+
+Pod creation starts as a task in ``auth_completed`` (never before
+authentication); sessions wait for it and show its progress; ``connection_lost``
+cancels a pending creation and deletes the Pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import asyncssh
+from kubernetes_asyncio import client as k8s
+
+from .config import Config
+from .handler import NetworkHandler, SSHConnectionHandler, new
+from .session import KuberunSession
+
+__all__ = ["Gateway", "SSHServer", "server_options"]
+
+_log = logging.getLogger("kuberun")
+
+
+class ConnectionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the connection id (and carries it as ``extra``)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(kwargs.get("extra") or {})
+        extra.setdefault("connection_id", (self.extra or {}).get("connection_id"))
+        kwargs["extra"] = extra
+        return f"[{extra['connection_id']}] {msg}", kwargs
+
+
+def server_options(config: Config) -> dict[str, Any]:
+    """``asyncssh.create_server`` options kuberun needs: raw bytes, no line
+    editor (the Pod's pty does line editing), AES-GCM preferred."""
+    options: dict[str, Any] = {
+        "encoding": None,
+        "line_editor": False,
+        "allow_scp": False,
+        "agent_forwarding": False,
+        "x11_forwarding": False,
+        "login_timeout": config.ssh.login_grace_time,
+    }
+    options["encryption_algs"] = list(config.ssh.effective_ciphers)
+    return options
+
+
+class Gateway:
+    """State shared by all connections of one gateway: config, API client, metrics,
+    background tasks, live connections.
+
+    :param owner: ``ownerReference`` for user Pods (the gateway's own Pod when
+        it runs in a cluster), so Kubernetes collects them if the gateway dies
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        api_client: k8s.ApiClient,
+        *,
+        metrics: Any = None,
+        logger: logging.Logger | None = None,
+        name: str | None = None,
+        owner: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.api_client = api_client
+        self.metrics = metrics
+        self.logger = logger or _log
+        self.name = name
+        self.owner = owner
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._servers: set[SSHServer] = set()
+        self._prefix = secrets.token_hex(3)
+        self._counter = itertools.count(1)
+        self.closing = False
+
+    def next_connection_id(self) -> str:
+        """A unique, label-safe connection id."""
+        return f"{self._prefix}-{os.getpid():x}-{next(self._counter)}"
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def handler_for(self, connection_id: str, client_address: str | None) -> NetworkHandler:
+        logger = ConnectionLogger(self.logger, {"connection_id": connection_id})
+        return new(
+            self.api_client,
+            connection_id,
+            self.config,
+            logger,
+            metrics=self.metrics,
+            client_address=client_address,
+            gateway=self.name,
+            owner=self.owner,
+            track=self.track,
+        )
+
+    @property
+    def connections(self) -> int:
+        return len(self._servers)
+
+    def _register(self, server: SSHServer) -> None:
+        self._servers.add(server)
+        if self.metrics is not None:
+            self.metrics.connections.inc()
+
+    def _unregister(self, server: SSHServer) -> None:
+        if server in self._servers:
+            self._servers.discard(server)
+            if self.metrics is not None:
+                self.metrics.connections.dec()
+
+    async def drain(self, message: str = "the gateway is shutting down") -> None:
+        """Tell every session, close every connection, and wait until every Pod is deleted."""
+        self.closing = True
+        for server in list(self._servers):
+            server.shutdown(message)
+        # Let the exit messages reach the clients before the connections close.
+        await asyncio.sleep(0.1)
+        for server in list(self._servers):
+            server.close_connection()
+        await self.wait_tasks()
+
+    async def wait_tasks(self) -> None:
+        """Wait for background tasks (Pod deletions) until none are left."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+class SSHServer(asyncssh.SSHServer):
+    """An asyncssh server that gives each authenticated connection a Pod.
+
+    It does no authentication of its own: subclass it and implement
+    asyncssh's auth callbacks. Every hook that does something calls
+    ``super()`` first if you override it.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.connection_id = gateway.next_connection_id()
+        self.handler: NetworkHandler | None = None
+        self._conn_handler: SSHConnectionHandler | None = None
+        self._start: asyncio.Task[Any] | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if peer else None
+        self.handler = self.gateway.handler_for(self.connection_id, address)
+        self.gateway._register(self)
+
+    def auth_completed(self) -> None:
+        assert self.conn is not None and self.handler is not None
+        if self.gateway.closing:
+            self.conn.close()
+            return
+        username = str(self.conn.get_extra_info("username") or "")
+        self.handler.logger.info("authenticated as %r", username)
+        # Starts the Pod in connection mode; sessions wait for it themselves
+        # so they can show its progress on their stderr.
+        self._conn_handler = self.handler.connection_handler(username)
+
+    def session_requested(self) -> Any:
+        handler = self._conn_handler
+        if handler is None or self.gateway.closing:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "the gateway is not accepting sessions"
+            )
+        limit = self.gateway.config.ssh.max_sessions
+        if handler.session_count >= limit:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"too many sessions on this connection (max {limit})",
+            )
+        assert self.conn is not None
+        session: KuberunSession = handler.new_session()
+        return self.conn.create_server_channel(encoding=None), session
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gateway._unregister(self)
+        handler = self.handler
+        if handler is not None:
+            if exc is not None:
+                handler.logger.info("connection lost: %s", exc)
+            self.gateway.track(asyncio.ensure_future(handler.on_disconnect()))
+
+    # -- gateway control ----------------------------------------------------
+
+    def shutdown(self, message: str) -> None:
+        if self._conn_handler is not None:
+            self._conn_handler.shutdown(message)
+
+    def close_connection(self) -> None:
+        if self.conn is not None:
+            self.conn.close()

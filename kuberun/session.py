@@ -1,0 +1,442 @@
+"""One SSH session channel as one Kubernetes exec.
+
+:class:`KuberunSession` is an asyncssh ``SSHServerSession`` (bytes, no line
+editor). It records the client's requests (pty, env, shell/exec/subsystem),
+waits for the Pod, opens the exec with the program wrapped so env and ``TERM``
+are exported and its PID recorded, then relays: exec output goes straight to
+``chan.write`` (the relay decoder holds that bound method), SSH input goes to
+the stream's encoder. Signals and channel close are delivered with a second
+exec running ``kill``, since the exec API has no signal channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal as _signal
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import asyncssh
+
+from .errors import (
+    EXIT_SHUTDOWN,
+    CommandStartError,
+    KuberunError,
+    exit_status_for,
+)
+from .execstream import ExecResult, ExecStream
+from .manifests import (
+    env_allowed,
+    exec_argv,
+    kill_argv,
+    pid_file_path,
+    valid_env_name,
+    wrap_command,
+)
+
+if TYPE_CHECKING:
+    from .handler import SSHConnectionHandler
+
+__all__ = ["SIGNALS", "KuberunSession"]
+
+#: RFC 4254 §6.10 signal names that can be delivered, with their numbers here.
+SIGNALS: dict[str, int] = {
+    name: int(getattr(_signal, "SIG" + name))
+    for name in (
+        "ABRT",
+        "ALRM",
+        "FPE",
+        "HUP",
+        "ILL",
+        "INT",
+        "KILL",
+        "PIPE",
+        "QUIT",
+        "SEGV",
+        "TERM",
+        "USR1",
+        "USR2",
+    )
+}
+
+#: Wait this long before printing Pod start progress, so fast starts stay quiet.
+PROGRESS_DELAY = 1.0
+
+_MAX_TERM_DIM = 65535
+
+
+class KuberunSession(asyncssh.SSHServerSession[bytes]):
+    """An SSH session channel relayed to a Kubernetes exec in the connection's Pod."""
+
+    def __init__(self, conn: SSHConnectionHandler, session_id: str) -> None:
+        self._conn = conn
+        self._id = session_id
+        self._log = conn.logger
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._argv: list[str] | None = None
+        self._kind = ""
+        self._term: str | None = None
+        self._size: tuple[int, int] | None = None
+        self._stream: ExecStream | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._eof = False
+        self._closed = False
+        self._exited = False
+        self._signalled: int | None = None
+        self._pid_file: str | None = None
+        self._pod: Any = None
+        self._progress_lines: list[str] = []
+        self._progress_live = False
+        self._progress_timer: asyncio.TimerHandle | None = None
+        self._eof_warned = False
+        self._published = False
+        # Replaced by the channel's own bound methods in connection_made.
+        self.exec_stdout: Callable[[memoryview], object] = _drop
+        self.exec_stderr: Callable[[memoryview], object] = _drop
+
+    # -- asyncssh callbacks: set-up ---------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self._chan = chan
+        # Output from the exec goes straight into the channel: the relay
+        # decoder caches these bound methods.
+        self.exec_stdout = cast(Callable[[memoryview], object], chan.write)
+        self.exec_stderr = cast(Callable[[memoryview], object], chan.write_stderr)
+        # Hold SSH input until the exec is open (the SSH window bounds it).
+        chan.pause_reading()
+        self._conn.session_opened(self)
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Any
+    ) -> bool:
+        if self._argv is not None:
+            return False
+        self._term = term_type or "xterm"
+        width, height = term_size[0], term_size[1]
+        if 0 < width <= _MAX_TERM_DIM and 0 < height <= _MAX_TERM_DIM:
+            self._size = (width, height)
+        return True
+
+    def shell_requested(self) -> bool:
+        return self._set_program("shell", list(self._conn.config.pod.shell_command))
+
+    def exec_requested(self, command: str) -> bool:
+        if "\x00" in command:
+            return False
+        return self._set_program("exec", exec_argv(command))
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        argv = self._conn.config.pod.subsystems.get(subsystem)
+        if argv is None:
+            self._log.info("session %s: unknown subsystem %r refused", self._id, subsystem)
+            if self._chan is not None:
+                self._chan.write_stderr(f"kuberun: unknown subsystem {subsystem!r}\r\n".encode())
+            return False
+        return self._set_program(f"subsystem {subsystem}", list(argv))
+
+    def _set_program(self, kind: str, argv: list[str]) -> bool:
+        if self._argv is not None:
+            return False  # a second shell/exec on one channel
+        self._argv = argv
+        self._kind = kind
+        return True
+
+    def session_started(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    # -- start-up ---------------------------------------------------------
+
+    async def _run(self) -> None:
+        chan = self._chan
+        assert chan is not None and self._argv is not None
+        conn = self._conn
+        try:
+            self._pod = await conn.acquire_pod(self._id, self._progress)
+        except asyncio.CancelledError:
+            return
+        except KuberunError as exc:
+            self._end_with_error(exc)
+            return
+        finally:
+            self._stop_progress()
+        if self._closed:
+            return
+        argv = self._wrapped_argv(chan)
+        started = time.monotonic()
+        try:
+            stream = await conn.connector.open(
+                self._pod.namespace,
+                self._pod.name,
+                conn.config.pod.console_container,
+                argv,
+                self,
+                stdin=True,
+                tty=self._term is not None,
+                timeout=conn.config.timeouts.command_start,
+            )
+        except asyncio.CancelledError:
+            return
+        except CommandStartError as exc:
+            conn.count_exec_failure("open")
+            self._end_with_error(exc)
+            return
+        if conn.metrics is not None:
+            conn.metrics.exec_open_seconds.observe(time.monotonic() - started)
+        if self._closed:
+            stream.abort()
+            self._terminate_program()
+            return
+        self._stream = stream
+        self._log.info("session %s: %s started in Pod %s", self._id, self._kind, self._pod.name)
+        if self._term is not None and self._size is not None:
+            stream.resize(*self._size)
+        if self._eof:
+            self._deliver_eof(stream)
+        if not stream.finished:
+            chan.resume_reading()
+
+    def _wrapped_argv(self, chan: asyncssh.SSHServerChannel[bytes]) -> list[str]:
+        config = self._conn.config
+        env: dict[str, str] = {}
+        patterns = config.ssh.accept_env
+        for name, value in chan.get_environment().items():
+            if name == "TERM":
+                continue
+            if not valid_env_name(name) or "\x00" in value:
+                self._log.info("session %s: env %r refused (invalid)", self._id, name)
+            elif env_allowed(name, patterns):
+                env[name] = value
+            else:
+                self._log.info("session %s: env %r refused (not in accept_env)", self._id, name)
+        if self._term is not None:
+            env["TERM"] = self._term
+        if config.pod.signals:
+            self._pid_file = pid_file_path(config.pod.pid_dir, self._conn.connection_id, self._id)
+        return wrap_command(self._argv or [], env=env, pid_file=self._pid_file)
+
+    # -- progress while the Pod starts ------------------------------------
+
+    def _progress(self, line: str) -> None:
+        if self._progress_live:
+            self._write_progress(line)
+            return
+        self._progress_lines.append(line)
+        if self._progress_timer is None:
+            loop = asyncio.get_running_loop()
+            self._progress_timer = loop.call_later(PROGRESS_DELAY, self._progress_due)
+
+    def _progress_due(self) -> None:
+        self._progress_timer = None
+        self._progress_live = True
+        if self._progress_lines:
+            self._write_progress(self._progress_lines[-1])
+            self._progress_lines.clear()
+
+    def _stop_progress(self) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
+        self._progress_live = False
+
+    def _write_progress(self, line: str) -> None:
+        self._write_stderr(f"kuberun: {line}")
+
+    def _write_stderr(self, text: str) -> None:
+        chan = self._chan
+        if chan is None or self._closed:
+            return
+        end = "\r\n" if self._term is not None else "\n"
+        try:
+            chan.write_stderr((text + end).encode("utf-8", errors="replace"))
+        except OSError:
+            pass
+
+    # -- relay: SSH side --------------------------------------------------
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        stream = self._stream
+        if stream is not None:
+            stream.write_stdin(data)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._stream is not None:
+            self._deliver_eof(self._stream)
+        return True  # keep the channel half-open: output still flows
+
+    def _deliver_eof(self, stream: ExecStream) -> None:
+        if not stream.close_stdin() and not self._eof_warned:
+            self._eof_warned = True
+            self._log.warning(
+                "session %s: the API server speaks %s, which cannot deliver stdin EOF",
+                self._id,
+                stream.protocol,
+            )
+            if self._conn.metrics is not None:
+                self._conn.metrics.stdin_eof_undeliverable.inc()
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._term is None:
+            return
+        if not (0 < width <= _MAX_TERM_DIM and 0 < height <= _MAX_TERM_DIM):
+            return
+        self._size = (width, height)
+        if self._stream is not None and not self._stream.finished:
+            self._stream.resize(width, height)
+
+    def signal_received(self, signal: str) -> None:
+        signum = SIGNALS.get(signal)
+        if signum is None:
+            self._log.info("session %s: unknown signal %r ignored", self._id, signal)
+            return
+        self._send_signal(signal, signum)
+
+    def break_received(self, msec: int) -> bool:
+        if self._term is None:
+            return False
+        self._send_signal("INT", SIGNALS["INT"])
+        return True
+
+    def pause_writing(self) -> None:
+        if self._stream is not None:
+            self._stream.pause_output()
+
+    def resume_writing(self) -> None:
+        if self._stream is not None:
+            self._stream.resume_output()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._stop_progress()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        stream = self._stream
+        if stream is not None and not stream.finished:
+            self._terminate_program()
+            stream.abort()
+        self._publish_bytes()
+        self._conn.session_closed(self)
+
+    # -- relay: Kubernetes side (ExecListener) ----------------------------
+
+    def exec_pause_input(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()
+
+    def exec_resume_input(self) -> None:
+        if self._chan is not None and not self._closed:
+            self._chan.resume_reading()
+
+    def exec_finished(self, result: ExecResult) -> None:
+        if self._closed or self._exited:
+            return
+        if result.error is not None:
+            self._conn.count_exec_failure(type(result.error).__name__)
+            self._end_with_error(result.error)
+            return
+        status = result.exit_status if result.exit_status is not None else 0
+        self._exit(status)
+
+    # -- endings ----------------------------------------------------------
+
+    def _end_with_error(self, exc: BaseException) -> None:
+        self._log.warning("session %s: %s", self._id, exc)
+        self._write_stderr(f"kuberun: {exc}")
+        self._exit(exit_status_for(exc))
+
+    def shutdown(self, message: str) -> None:
+        """Tell the client the gateway is stopping and end the session."""
+        if self._closed or self._exited:
+            return
+        self._write_stderr(f"kuberun: {message}")
+        stream = self._stream
+        if stream is not None and not stream.finished:
+            self._terminate_program()
+            stream.abort()
+        self._exit(EXIT_SHUTDOWN)
+
+    def _exit(self, status: int) -> None:
+        chan = self._chan
+        if chan is None or self._exited:
+            return
+        self._exited = True
+        self._publish_bytes()
+        signalled = self._signalled
+        try:
+            if signalled is not None and status == 128 + signalled:
+                name = next(n for n, num in SIGNALS.items() if num == signalled)
+                chan.exit_with_signal(name)
+            else:
+                chan.exit(status)
+        except OSError:
+            pass
+
+    def _publish_bytes(self) -> None:
+        stream = self._stream
+        metrics = self._conn.metrics
+        if stream is None or metrics is None or self._published:
+            return
+        self._published = True
+        metrics.relayed_bytes.labels(direction="stdout").inc(stream.stdout_bytes)
+        metrics.relayed_bytes.labels(direction="stderr").inc(stream.stderr_bytes)
+        metrics.relayed_bytes.labels(direction="stdin").inc(stream.stdin_bytes)
+
+    # -- signals through a second exec ------------------------------------
+
+    def _send_signal(self, name: str, signum: int) -> None:
+        stream = self._stream
+        if stream is None or stream.finished or self._pid_file is None or self._pod is None:
+            self._log.info(
+                "session %s: signal %s not delivered (no running program)", self._id, name
+            )
+            return
+        self._signalled = signum
+        self._conn.spawn(self._kill(name))
+
+    def _terminate_program(self) -> None:
+        # The exec API cannot stop a process: closing the stream leaves it
+        # running in the Pod. Terminate it the way a signal request would.
+        if self._pid_file is not None and self._pod is not None:
+            self._conn.spawn(self._kill("TERM"))
+
+    async def _kill(self, name: str) -> None:
+        assert self._pid_file is not None and self._pod is not None
+        conn = self._conn
+        try:
+            stream = await conn.connector.open(
+                self._pod.namespace,
+                self._pod.name,
+                conn.config.pod.console_container,
+                kill_argv(name, self._pid_file),
+                _Discard(),
+                stdin=False,
+                tty=False,
+                timeout=conn.config.timeouts.command_start,
+            )
+            result = await stream.wait()
+        except KuberunError as exc:
+            self._log.warning("session %s: could not deliver %s: %s", self._id, name, exc)
+            return
+        if result.exit_status != 0:
+            self._log.info("session %s: kill -s %s ended with %s", self._id, name, result)
+
+
+def _drop(data: memoryview) -> None:
+    pass
+
+
+class _Discard:
+    """ExecListener for side execs (kill): output is dropped."""
+
+    exec_stdout = staticmethod(_drop)
+    exec_stderr = staticmethod(_drop)
+
+    def exec_pause_input(self) -> None:
+        pass
+
+    def exec_resume_input(self) -> None:
+        pass
+
+    def exec_finished(self, result: ExecResult) -> None:
+        pass
