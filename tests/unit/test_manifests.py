@@ -1,0 +1,652 @@
+"""Tests of kuberun.manifests: labels, selectors, the Pod, and the sh wrappers run for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kuberun.config import PodConfig, config_from_dict
+from kuberun.errors import ConfigError
+from kuberun.manifests import (
+    ANNOTATION_CLIENT_ADDRESS,
+    ANNOTATION_USERNAME,
+    LABEL_CONNECTION_ID,
+    LABEL_GATEWAY,
+    LABEL_MANAGED_BY,
+    LABEL_SESSION_ID,
+    LABEL_USERNAME,
+    MANAGED_BY,
+    SIGNAL_NAMES,
+    build_pod,
+    env_allowed,
+    exec_argv,
+    id_label_value,
+    is_valid_label_value,
+    kill_argv,
+    label_selector,
+    managed_selector,
+    pid_file_path,
+    sanitize_label_value,
+    valid_env_name,
+    wrap_command,
+)
+
+# Every POSIX shell on this machine; the wrapper must work on each.
+SHELLS = sorted(
+    {os.path.realpath(p) for p in ("/bin/sh", shutil.which("dash"), shutil.which("bash"),
+                                   shutil.which("busybox"), shutil.which("mksh")) if p}
+)
+
+
+def shell_argv(shell: str, argv: list[str]) -> list[str]:
+    """``argv`` from the wrapper, run by ``shell`` instead of /bin/sh."""
+    assert argv[:2] == ["/bin/sh", "-c"]
+    if shell.endswith("busybox"):
+        return [shell, "sh", *argv[1:]]
+    if shell.endswith("bash"):
+        return [shell, "--posix", *argv[1:]]
+    return [shell, *argv[1:]]
+
+
+def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return subprocess.run(argv, capture_output=True, env=env, timeout=20, check=False, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# Constants
+
+
+def test_label_names_are_the_contract() -> None:
+    assert LABEL_MANAGED_BY == "app.kubernetes.io/managed-by"
+    assert MANAGED_BY == "kuberun"
+    assert LABEL_CONNECTION_ID == "kuberun.io/connection-id"
+    assert LABEL_USERNAME == "kuberun.io/username"
+    assert LABEL_GATEWAY == "kuberun.io/gateway"
+    assert LABEL_SESSION_ID == "kuberun.io/session-id"
+    assert ANNOTATION_CLIENT_ADDRESS == "kuberun.io/client-address"
+    assert ANNOTATION_USERNAME == "kuberun.io/username"
+
+
+# --------------------------------------------------------------------------
+# Label values
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("", True),
+        ("a", True),
+        ("A.b-c_9", True),
+        ("a" * 63, True),
+        ("a" * 64, False),
+        ("-a", False),
+        ("a-", False),
+        ("_a", False),
+        ("a.", False),
+        ("a b", False),
+        ("a/b", False),
+        ("é", False),
+        ("a\n", False),
+        ("\u0661", False),  # ARABIC-INDIC DIGIT ONE: not an ASCII digit
+    ],
+)
+def test_is_valid_label_value(value: str, valid: bool) -> None:
+    assert is_valid_label_value(value) is valid
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("alice", "alice"),
+        ("Alice.Smith_2", "Alice.Smith_2"),
+        ("alice@example.com", "alice-example.com"),
+        ("john doe", "john-doe"),
+        ("a  |  b", "a-b"),
+        ("--x--", "x"),
+        ("_.x._", "x"),
+        ("ärger", "rger"),
+        ("ü", None),
+        ("@@@", None),
+        ("", None),
+        ("---", None),
+        ("a" * 100, "a" * 63),
+        ("a" * 62 + "-b", "a" * 62),
+        ("DOMAIN\\user", "DOMAIN-user"),
+        ("a\nb", "a-b"),
+    ],
+)
+def test_sanitize_label_value(value: str, expected: str | None) -> None:
+    assert sanitize_label_value(value) == expected
+
+
+@given(st.text())
+def test_sanitized_label_is_always_valid_or_none(value: str) -> None:
+    result = sanitize_label_value(value)
+    assert result is None or (result != "" and is_valid_label_value(result))
+    if result is not None:
+        assert sanitize_label_value(result) == result
+    if value and is_valid_label_value(value):
+        assert result == value
+
+
+@given(st.text())
+def test_id_label_value_is_always_valid(value: str) -> None:
+    result = id_label_value(value)
+    assert result and is_valid_label_value(result)
+    assert id_label_value(result) == result
+
+
+def test_id_label_value_keeps_valid_ids_and_separates_others() -> None:
+    assert id_label_value("c0ffee-42") == "c0ffee-42"
+    spaced, dashed = id_label_value("a b"), id_label_value("a-b")
+    assert dashed == "a-b"
+    assert spaced != dashed and spaced.startswith("a-b-")
+    assert id_label_value("@") != id_label_value("#")
+    assert id_label_value("x" * 64) != id_label_value("x" * 65)
+    assert len(id_label_value("x" * 200)) <= 63
+    assert is_valid_label_value(id_label_value("\udc80"))
+
+
+# --------------------------------------------------------------------------
+# Selectors
+
+
+def test_label_selector() -> None:
+    assert label_selector(app="x") == "app=x"
+    assert label_selector({"a.b/c": "1"}, d="2") == "a.b/c=1,d=2"
+    assert label_selector() == ""
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {"app": "x,other=y"},
+        {"app": "x y"},
+        {"app": "-x"},
+        {"app": "a" * 64},
+        {"a,b": "x"},
+        {"/x": "y"},
+        {"Bad_Prefix/x": "y"},
+        {"": "x"},
+        {"a=b": "x"},
+    ],
+)
+def test_label_selector_rejects_injection(labels: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        label_selector(labels)
+
+
+def test_managed_selector() -> None:
+    assert managed_selector() == "app.kubernetes.io/managed-by=kuberun"
+    assert managed_selector("c1") == (
+        "app.kubernetes.io/managed-by=kuberun,kuberun.io/connection-id=c1"
+    )
+    assert managed_selector(gateway="gw-7") == (
+        "app.kubernetes.io/managed-by=kuberun,kuberun.io/gateway=gw-7"
+    )
+    weird = managed_selector("conn id/1", "gw 2")
+    assert f"kuberun.io/connection-id={id_label_value('conn id/1')}" in weird
+    assert f"kuberun.io/gateway={id_label_value('gw 2')}" in weird
+
+
+def selector_matches(selector: str, labels: dict[str, str]) -> bool:
+    pairs = [term.split("=", 1) for term in selector.split(",")]
+    return all(labels.get(k) == v for k, v in pairs)
+
+
+@given(connection_id=st.text(min_size=1), gateway=st.text(min_size=1))
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=50)
+def test_managed_selector_matches_the_built_pod(connection_id: str, gateway: str) -> None:
+    pod = build_pod(PodConfig(), connection_id=connection_id, username="u", gateway=gateway)
+    labels = pod["metadata"]["labels"]
+    assert selector_matches(managed_selector(connection_id, gateway), labels)
+    assert selector_matches(managed_selector(connection_id), labels)
+    assert not selector_matches(managed_selector(connection_id + "x"), labels)
+
+
+# --------------------------------------------------------------------------
+# The Pod
+
+
+def template() -> PodConfig:
+    return config_from_dict(
+        {
+            "pod": {
+                "metadata": {
+                    "generateName": "dev-",
+                    "labels": {"team": "a", LABEL_USERNAME: "spoofed"},
+                    "annotations": {"note": "kept"},
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "X", "name": "n", "uid": "1"}],
+                },
+                "spec": {
+                    "containers": [
+                        {"name": "sidecar", "image": "s", "command": ["side"]},
+                        {
+                            "name": "shell",
+                            "image": "img",
+                            "command": ["/entry"],
+                            "args": ["--x"],
+                            "stdin": True,
+                            "tty": True,
+                            "env": [{"name": "A", "value": "1"}],
+                        },
+                    ],
+                    "terminationGracePeriodSeconds": 5,
+                },
+                "idle_command": ["/idle", "forever"],
+            }
+        }
+    ).pod
+
+
+def test_build_pod() -> None:
+    cfg = template()
+    before = json.dumps([cfg.metadata, cfg.spec], sort_keys=True)
+    pod = build_pod(
+        cfg,
+        connection_id="c-123",
+        username="Alice Smith",
+        client_address="[2001:db8::1]:50000",
+        gateway="gw-1",
+        owner={"apiVersion": "v1", "kind": "Pod", "name": "gateway-0", "uid": "u-1", "x": "y"},
+        session_id="7",
+    )
+    assert json.dumps([cfg.metadata, cfg.spec], sort_keys=True) == before  # not modified
+    assert pod["apiVersion"] == "v1" and pod["kind"] == "Pod"
+    meta = pod["metadata"]
+    assert meta["generateName"] == "dev-"
+    assert meta["labels"] == {
+        "team": "a",
+        LABEL_MANAGED_BY: "kuberun",
+        LABEL_CONNECTION_ID: "c-123",
+        LABEL_SESSION_ID: "7",
+        LABEL_GATEWAY: "gw-1",
+        LABEL_USERNAME: "Alice-Smith",
+    }
+    assert meta["annotations"] == {
+        "note": "kept",
+        ANNOTATION_USERNAME: "Alice Smith",
+        ANNOTATION_CLIENT_ADDRESS: "[2001:db8::1]:50000",
+    }
+    assert meta["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "X", "name": "n", "uid": "1"},
+        {"apiVersion": "v1", "kind": "Pod", "name": "gateway-0", "uid": "u-1"},
+    ]
+    sidecar, shell = pod["spec"]["containers"]
+    assert sidecar == {"name": "sidecar", "image": "s", "command": ["side"]}
+    assert shell["command"] == ["/idle", "forever"]
+    assert "args" not in shell
+    assert shell["stdin"] is False and shell["tty"] is False
+    assert shell["env"] == [{"name": "A", "value": "1"}]
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 5
+    json.dumps(pod)  # serialisable as is
+
+
+def test_build_pod_defaults() -> None:
+    pod = build_pod(PodConfig(), connection_id="c", username="bob")
+    meta = pod["metadata"]
+    assert meta["generateName"] == "kuberun-"
+    assert meta["labels"] == {LABEL_MANAGED_BY: "kuberun", LABEL_CONNECTION_ID: "c",
+                              LABEL_USERNAME: "bob"}
+    assert meta["annotations"] == {ANNOTATION_USERNAME: "bob"}
+    assert "ownerReferences" not in meta
+    assert pod["spec"]["containers"][0]["command"] == list(PodConfig().idle_command)
+    assert "terminationGracePeriodSeconds" not in pod["spec"]
+
+
+def test_unusable_username_is_omitted_and_template_claim_removed() -> None:
+    pod = build_pod(template(), connection_id="c", username="@@@")
+    assert LABEL_USERNAME not in pod["metadata"]["labels"]
+    assert pod["metadata"]["annotations"][ANNOTATION_USERNAME] == "@@@"
+
+
+def test_template_without_labels_or_annotations() -> None:
+    cfg = config_from_dict({"pod": {"metadata": {"name": "fixed"}}}).pod
+    pod = build_pod(cfg, connection_id="c", username="u")
+    assert pod["metadata"]["name"] == "fixed"
+    assert pod["metadata"]["labels"][LABEL_MANAGED_BY] == "kuberun"
+
+
+def test_hostile_username_and_connection_id_stay_valid() -> None:
+    pod = build_pod(PodConfig(), connection_id="x,y=z", username='"; rm -rf / #' + "x" * 100)
+    labels = pod["metadata"]["labels"]
+    assert all(is_valid_label_value(v) for v in labels.values())
+    assert labels[LABEL_CONNECTION_ID] == id_label_value("x,y=z")
+
+
+def test_build_pod_without_console_container() -> None:
+    cfg = PodConfig()
+    object.__setattr__(cfg, "console_container", "missing")
+    with pytest.raises(ConfigError) as info:
+        build_pod(cfg, connection_id="c", username="u")
+    assert info.value.path == "pod.console_container"
+
+
+def test_incomplete_owner_is_rejected() -> None:
+    with pytest.raises(ValueError, match="uid"):
+        build_pod(PodConfig(), connection_id="c", username="u",
+                  owner={"apiVersion": "v1", "kind": "Pod", "name": "g"})
+
+
+# --------------------------------------------------------------------------
+# Env names and patterns
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [("LANG", True), ("_x1", True), ("lc_all", True), ("1A", False), ("", False),
+     ("A-B", False), ("A=B", False), ("A B", False), ("É", False), ("A\n", False)],
+)
+def test_valid_env_name(name: str, valid: bool) -> None:
+    assert valid_env_name(name) is valid
+
+
+@pytest.mark.parametrize(
+    ("name", "patterns", "allowed"),
+    [
+        ("LANG", ["LANG", "LC_*"], True),
+        ("LC_ALL", ["LANG", "LC_*"], True),
+        ("LC_", ["LC_*"], True),
+        ("LANGUAGE", ["LANG"], False),
+        ("lang", ["LANG"], False),
+        ("GIT_A", ["GIT_?"], True),
+        ("GIT_AB", ["GIT_?"], False),
+        ("ANY", ["*"], True),
+        ("ANY", [], False),
+        ("LC-X", ["LC*"], False),
+        ("A[B", ["*"], False),
+    ],
+)
+def test_env_allowed(name: str, patterns: list[str], allowed: bool) -> None:
+    assert env_allowed(name, patterns) is allowed
+
+
+# --------------------------------------------------------------------------
+# exec and the wrapper
+
+
+def test_exec_argv_is_opensshs() -> None:
+    assert exec_argv("echo hi; exit 3") == ["/bin/sh", "-c", "echo hi; exit 3"]
+    assert exec_argv("") == ["/bin/sh", "-c", ""]
+    with pytest.raises(ValueError):
+        exec_argv("a\0b")
+
+
+def test_exec_argv_runs_like_openssh() -> None:
+    result = run(exec_argv("echo hi; echo err >&2; exit 3"))
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"hi\n", b"err\n")
+
+
+def test_wrap_without_env_or_pid_file_is_identity() -> None:
+    assert wrap_command(["/bin/ls", "-l"]) == ["/bin/ls", "-l"]
+    assert wrap_command(("/bin/ls",), env={}) == ["/bin/ls"]
+
+
+def test_wrap_shape() -> None:
+    argv = wrap_command(["prog", "arg"], env={"A": "1", "B": "x y"}, pid_file="/tmp/p")
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert argv[3:] == ["kuberun", "/tmp/p", "A=1", "B=x y", "--", "prog", "arg"]
+    argv = wrap_command(["prog"], env={"A": "1"})
+    assert argv[3:] == ["kuberun", "", "A=1", "--", "prog"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"argv": []}, "empty argv"),
+        ({"argv": ["a\0"]}, "NUL"),
+        ({"argv": ["p"], "env": {"A-B": "x"}}, "invalid environment variable name"),
+        ({"argv": ["p"], "env": {"": "x"}}, "invalid environment variable name"),
+        ({"argv": ["p"], "env": {"A=B": "x"}}, "invalid environment variable name"),
+        ({"argv": ["p"], "env": {"A": "x\0y"}}, "NUL"),
+        ({"argv": ["p"], "pid_file": "/t\0"}, "NUL"),
+    ],
+)
+def test_wrap_rejects(kwargs: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        wrap_command(**kwargs)
+
+
+HOSTILE = {
+    "QUOTES": "it's \"quoted\" \\ back\\slash",
+    "SUBST": "$(touch {marker})",
+    "BACKTICKS": "`touch {marker}`",
+    "NEWLINES": "line1\nline2\n\nexport X=1; touch {marker}\n",
+    "SEMI": "; touch {marker}; echo",
+    "SPACES": "  leading and trailing  ",
+    "UNICODE": "žluťoučký kůň 🐎 ٣ \u200b",
+    "EMPTY": "",
+    "GLOB": "* ? [a-z] ~",
+    "VARS": "$HOME ${PATH} $1 $@ $$",
+    "EQUALS": "a=b=c",
+    "DASHES": "-- -n -e",
+    "CR": "a\rb",
+    "CONTROL": "\x01\x1b[31m\x7f",
+}
+
+
+def print_env_program(names: Sequence[str]) -> list[str]:
+    code = (
+        "import json, os, sys; "
+        "sys.stdout.write(json.dumps({k: os.environ.get(k) for k in sys.argv[1:]}))"
+    )
+    return [sys.executable, "-c", code, *names]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_wrapper_exports_hostile_values_byte_exact(shell: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    env = {k: v.replace("{marker}", str(marker)) for k, v in HOSTILE.items()}
+    argv = wrap_command(print_env_program(sorted(env)), env=env)
+    result = run(shell_argv(shell, argv), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+    assert json.loads(result.stdout) == env
+    assert not marker.exists()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_wrapper_values_via_printf(shell: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    for value in HOSTILE.values():
+        value = value.replace("{marker}", str(marker))
+        argv = wrap_command(["/bin/sh", "-c", 'printf %s "$V"'], env={"V": value, "TERM": "xterm"})
+        result = run(shell_argv(shell, argv), cwd=tmp_path)
+        assert result.stdout == value.encode(), value
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_wrapper_cannot_be_steered_by_env_names(shell: str, tmp_path: Path) -> None:
+    # Names the script could have used itself, and ones shells treat specially.
+    env = {"n": "0", "p": str(tmp_path / "elsewhere"), "IFS": "-", "OPTIND": "3",
+           "A": "after-the-tricky-ones"}
+    pid_file = tmp_path / "pid"
+    argv = wrap_command(print_env_program(sorted(env)), env=env, pid_file=str(pid_file))
+    result = run(shell_argv(shell, argv), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == env
+    assert pid_file.exists()
+    assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_argv_after_env_is_passed_verbatim(shell: str, tmp_path: Path) -> None:
+    program_args = ["--", "A=B", "", " x ", "$(id)", "-n", "a\nb"]
+    code = "import json, sys; print(json.dumps(sys.argv[1:]))"
+    argv = wrap_command([sys.executable, "-c", code, *program_args], env={"X": "--"})
+    result = run(shell_argv(shell, argv), cwd=tmp_path)
+    assert json.loads(result.stdout) == program_args
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_pid_file_holds_the_programs_pid(shell: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "p.pid"
+    argv = wrap_command(["/bin/sh", "-c", "echo $$"], pid_file=str(pid_file))
+    result = run(shell_argv(shell, argv))
+    assert result.returncode == 0, result.stderr
+    assert pid_file.read_text() == result.stdout.decode()
+    assert int(result.stdout) > 1
+
+
+def test_pid_file_matches_the_process_id(tmp_path: Path) -> None:
+    pid_file = tmp_path / "p.pid"
+    argv = wrap_command(["sleep", "30"], env={"A": "1"}, pid_file=str(pid_file))
+    proc = subprocess.Popen(argv)
+    try:
+        wait_for(pid_file.exists)
+        wait_for(lambda: pid_file.read_text().endswith("\n"))
+        assert int(pid_file.read_text()) == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_unwritable_pid_file_does_not_stop_the_program(tmp_path: Path) -> None:
+    argv = wrap_command(["/bin/sh", "-c", "echo ran"], pid_file=str(tmp_path / "no" / "such"))
+    result = run(argv)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ran\n", b"")
+
+
+def test_missing_program_exits_127() -> None:
+    result = run(wrap_command(["/no/such/program"], env={"A": "1"}))
+    assert result.returncode == 127
+    assert b"kuberun" in result.stderr or b"no/such" in result.stderr
+
+
+@given(
+    env=st.dictionaries(
+        # A fixed prefix keeps clear of names the shell or Python act on.
+        st.from_regex(r"KR_[A-Za-z0-9_]{0,8}", fullmatch=True),
+        st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\0")),
+        max_size=5,
+    )
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_wrapper_roundtrip_property(env: dict[str, str]) -> None:
+    result = run(wrap_command(print_env_program(sorted(env)), env=env))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == env
+
+
+# --------------------------------------------------------------------------
+# Signals
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.01)
+
+
+def test_kill_argv_shape() -> None:
+    argv = kill_argv("TERM", "/tmp/x.pid")
+    assert argv[:2] == ["/bin/sh", "-c"]
+    assert argv[3:] == ["kuberun", "TERM", "/tmp/x.pid"]
+    assert "/tmp/x.pid" not in argv[2] and "TERM" not in argv[2]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "term", "TERM ", "9", "", "STOP", "$(id)", "CHLD"])
+def test_kill_argv_rejects_unknown_signals(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown signal"):
+        kill_argv(name, "/tmp/x")
+
+
+def test_signal_names_are_rfc4254s() -> None:
+    assert {
+        "ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
+        "USR1", "USR2",
+    } == SIGNAL_NAMES
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("name", ["TERM", "USR1", "INT", "KILL", "HUP"])
+def test_kill_delivers_the_signal(shell: str, name: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "p.pid"
+    proc = subprocess.Popen(wrap_command(["sleep", "30"], pid_file=str(pid_file)))
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"))
+        result = run(shell_argv(shell, kill_argv(name, str(pid_file))))
+        assert result.returncode == 0, result.stderr
+        assert proc.wait(timeout=10) == -getattr(signal, f"SIG{name}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def spy_kill(argv: list[str]) -> list[str]:
+    """``argv`` with ``kill`` replaced by a function that only reports its arguments."""
+    return [argv[0], argv[1], 'kill() { echo "KILL $*"; }; ' + argv[2], *argv[3:]]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(
+    "content", ["-1\n", "0\n", "1\n", "01\n", "\n", "", "12 34\n", "$(id)\n", "-9 1\n", "1e3\n"]
+)
+def test_kill_refuses_implausible_pids(shell: str, content: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "p.pid"
+    pid_file.write_text(content)
+    result = run(shell_argv(shell, spy_kill(kill_argv("TERM", str(pid_file)))))
+    assert result.returncode != 0
+    assert b"KILL" not in result.stdout
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_kill_passes_a_plausible_pid(shell: str, tmp_path: Path) -> None:
+    pid_file = tmp_path / "p.pid"
+    pid_file.write_text("4242\n")
+    result = run(shell_argv(shell, spy_kill(kill_argv("USR1", str(pid_file)))))
+    assert result.stdout == b"KILL -s USR1 4242\n"
+
+
+def test_kill_with_missing_pid_file_fails_quietly_enough(tmp_path: Path) -> None:
+    result = run(kill_argv("TERM", str(tmp_path / "absent")))
+    assert result.returncode != 0
+
+
+def test_kill_of_a_finished_process_fails(tmp_path: Path) -> None:
+    pid_file = tmp_path / "p.pid"
+    result = run(wrap_command(["/bin/sh", "-c", "exit 0"], pid_file=str(pid_file)))
+    assert result.returncode == 0
+    assert run(kill_argv("TERM", str(pid_file))).returncode != 0
+
+
+# --------------------------------------------------------------------------
+# PID file paths
+
+
+def test_pid_file_path() -> None:
+    assert pid_file_path("/tmp", "c1", "3") == "/tmp/kuberun-c1-3.pid"
+    assert pid_file_path("/tmp/", "c1", "3") == "/tmp/kuberun-c1-3.pid"
+    assert pid_file_path("/", "c1", "3") == "/kuberun-c1-3.pid"
+
+
+@given(st.text(), st.text())
+def test_pid_file_path_stays_in_its_directory(connection_id: str, channel_id: str) -> None:
+    path = pid_file_path("/run/kuberun", connection_id, channel_id)
+    directory, _, name = path.rpartition("/")
+    assert directory == "/run/kuberun"
+    assert name.startswith("kuberun-") and name.endswith(".pid")
+    assert "\0" not in name and len(name) < 200
+
+
+def test_pid_file_paths_of_distinct_ids_differ() -> None:
+    assert pid_file_path("/t", "a/b", "1") != pid_file_path("/t", "a-b", "1")
+    assert pid_file_path("/t", "../x", "1") != pid_file_path("/t", "x", "1")
+    assert "/.." not in pid_file_path("/t", "../../etc/passwd", "1")
