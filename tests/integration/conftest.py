@@ -1,0 +1,186 @@
+"""Fixtures for end-to-end tests: devcluster + an in-process gateway + real SSH clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from kuberun import _relay_py, execstream
+from kuberun.config import Config, config_from_dict, make_api_client
+from kuberun.devcluster import DevCluster
+from kuberun.gateway import GatewayRunner
+
+try:
+    from kuberun import _relay as _relay_c
+except ImportError:  # pragma: no cover - `make test` requires the extension
+    _relay_c = None  # type: ignore[assignment]
+
+SSH_OPTS = [
+    "-F",
+    "/dev/null",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "Ciphers=aes128-gcm@openssh.com",
+]
+
+
+@pytest.fixture(params=["cython", "python"])
+def relay_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the gateway with each relay implementation."""
+    if request.param == "cython":
+        if _relay_c is None:
+            if os.environ.get("KUBERUN_REQUIRE_EXTENSIONS") == "1":
+                pytest.fail("the Cython relay is not built")
+            pytest.skip("the Cython relay is not built")
+        monkeypatch.setattr(execstream, "relay", _relay_c)
+    else:
+        monkeypatch.setattr(execstream, "relay", _relay_py)
+    return str(request.param)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[DevCluster]:
+    async with DevCluster() as c:
+        yield c
+
+
+@dataclass
+class Gateway:
+    """A running gateway and what a client needs to reach it."""
+
+    runner: GatewayRunner
+    cluster: DevCluster
+    port: int
+    key_path: Path
+    workdir: Path
+    user: str = "alice"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ssh_args(self, *args: str, tty: bool = False, extra_opts: Sequence[str] = ()) -> list[str]:
+        return [
+            "ssh",
+            *SSH_OPTS,
+            "-i",
+            str(self.key_path),
+            "-p",
+            str(self.port),
+            *(["-tt"] if tty else ["-T"]),
+            *extra_opts,
+            f"{self.user}@127.0.0.1",
+            *args,
+        ]
+
+    async def ssh(
+        self,
+        *args: str,
+        stdin: bytes = b"",
+        tty: bool = False,
+        extra_opts: Sequence[str] = (),
+        timeout: float = 60,
+    ) -> tuple[int, bytes, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            *self.ssh_args(*args, tty=tty, extra_opts=extra_opts),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        assert proc.returncode is not None
+        return proc.returncode, out, err
+
+    def asyncssh_connect(self, **kwargs: Any) -> Any:
+        return asyncssh.connect(
+            "127.0.0.1",
+            self.port,
+            username=self.user,
+            client_keys=[str(self.key_path)],
+            known_hosts=None,
+            encryption_algs=["aes128-gcm@openssh.com"],
+            **kwargs,
+        )
+
+    async def wait_no_pods(self, timeout: float = 30) -> None:
+        await wait_for(lambda: not self.cluster.pods(), timeout, "Pods left behind")
+
+
+async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``cond`` (test-side only) until truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out: {what}")
+        await asyncio.sleep(0.05)
+
+
+def gateway_config(cluster_kubeconfig: Path, workdir: Path, **overrides: Any) -> Config:
+    data: dict[str, Any] = {
+        "ssh": {
+            "listen": "127.0.0.1:0",
+            "host_keys": [str(workdir / "host_key")],
+            "authorized_keys": str(workdir / "authorized_keys"),
+            "accept_env": ["LANG", "LC_*", "KR_*"],
+        },
+        "kubernetes": {"kubeconfig": str(cluster_kubeconfig), "context": "devcluster"},
+        "pod": {"subsystems": {"sftp": ["/usr/lib/openssh/sftp-server"]}},
+        "timeouts": {"pod_start": 20, "pod_stop": 10, "command_start": 10},
+        "metrics": {"listen": None},
+    }
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition("__")
+        data.setdefault(section, {})[key] = value
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def client_key(tmp_path: Path) -> Path:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    path = tmp_path / "id_ed25519"
+    path.write_bytes(key.export_private_key())
+    path.chmod(0o600)
+    (tmp_path / "authorized_keys").write_bytes(key.export_public_key())
+    return path
+
+
+@pytest.fixture
+def gateway_overrides() -> dict[str, Any]:
+    """Override in a test module (or via indirect parametrisation) to change the config."""
+    return {}
+
+
+@pytest.fixture
+async def gateway(
+    cluster: DevCluster,
+    client_key: Path,
+    tmp_path: Path,
+    relay_impl: str,
+    gateway_overrides: dict[str, Any],
+) -> AsyncIterator[Gateway]:
+    kubeconfig = tmp_path / "kubeconfig"
+    cluster.write_kubeconfig(str(kubeconfig))
+    config = gateway_config(kubeconfig, tmp_path, **gateway_overrides)
+    api_client = await make_api_client(config.kubernetes)
+    runner = GatewayRunner(config, api_client, name="test")
+    await runner.start()
+    try:
+        yield Gateway(runner, cluster, runner.port, client_key, tmp_path)
+    finally:
+        await runner.close()
+        await api_client.close()
