@@ -4,9 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv build lint test test-fast fuzz fuzz-long bench clean
+.PHONY: system-deps venv build lint test fuzz fuzz-long bench demo clean
 
-venv: $(STAMP)
+system-deps:
+	./scripts/system-deps.sh
+
+venv: system-deps $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +37,10 @@ fuzz: build
 
 fuzz-long: build
 	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_relay.py -max_total_time=600 -rss_limit_mb=2048
+
+# The demo: a local cluster and a gateway on 127.0.0.1:2222; prints the ssh command.
+demo: build
+	$(VENV)/bin/kuberun demo
 
 bench: build
 	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m pytest benchmarks --benchmark-only --benchmark-group-by=param:size --benchmark-columns=min,median,mean,ops

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install the Debian packages kuberun's tests and demo use, if any is missing:
+# OpenSSH clients and rsync judge the gateway; sftp-server runs inside devcluster Pods;
+# gcc builds the Cython relay.
+set -euo pipefail
+
+missing=()
+command -v ssh >/dev/null 2>&1 || missing+=(openssh-client)
+command -v scp >/dev/null 2>&1 || missing+=(openssh-client)
+[ -x /usr/lib/openssh/sftp-server ] || missing+=(openssh-sftp-server)
+command -v rsync >/dev/null 2>&1 || missing+=(rsync)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+command -v ps >/dev/null 2>&1 || missing+=(procps)
+
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+echo "installing Debian packages: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -q
+$SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
