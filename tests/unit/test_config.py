@@ -778,7 +778,7 @@ async def test_make_api_client_from_explicit_kubeconfig(
         assert conf.api_key["BearerToken"] == "Bearer s3cret-token"
         assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer s3cret-token"
         assert conf.verify_ssl is True
-        with open(conf.ssl_ca_cert, "rb") as f:  # noqa: ASYNC230 - a test
+        with open(conf.ssl_ca_cert, "rb") as f:
             assert f.read() == ca
     finally:
         await client.close()
