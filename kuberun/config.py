@@ -23,9 +23,12 @@ The Kubernetes client is built by :func:`make_api_client`; its loaders live in
 from __future__ import annotations
 
 import copy
+import difflib
+import ipaddress
 import math
 import os
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -91,8 +94,6 @@ def parse_listen(value: str, path: str) -> tuple[str, int]:
 
     :raises ConfigError: naming ``path`` when the value is malformed.
     """
-    import ipaddress
-
     if not isinstance(value, str):
         raise ConfigError(path, f"expected a string 'HOST:PORT', got {describe(value)}")
     if value.startswith("["):
@@ -208,8 +209,6 @@ class SSHConfig:
 
 
 def _check_key_template(template: str) -> None:
-    import string
-
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -228,8 +227,7 @@ def _check_key_template(template: str) -> None:
 
 
 def _check_ciphers(ciphers: tuple[str, ...]) -> None:
-    import difflib
-
+    # Imported here: asyncssh is heavy, and only a configured cipher list needs it.
     from asyncssh.encryption import get_encryption_algs
 
     if not ciphers:
@@ -356,8 +354,9 @@ def _check_metadata(metadata: object) -> None:
         raise ConfigError("pod.metadata", "needs 'name' or 'generateName'")
     for key in names:
         if not isinstance(metadata[key], str) or not metadata[key]:
-            raise ConfigError(f"pod.metadata.{key}", f"expected a non-empty string, got "
-                              f"{describe(metadata[key])}")
+            raise ConfigError(
+                f"pod.metadata.{key}", f"expected a non-empty string, got {describe(metadata[key])}"
+            )
     for key in ("labels", "annotations"):
         if metadata.get(key) is not None:
             _check_string_map(f"pod.metadata.{key}", metadata[key])
