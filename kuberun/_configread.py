@@ -20,18 +20,54 @@ from .errors import ConfigError
 __all__ = ["Section", "describe", "join", "read_yaml_file", "with_line"]
 
 # Pod fields users put directly under `pod:` instead of `pod.spec` / `pod.metadata`.
-_POD_SPEC_FIELDS = frozenset({
-    "containers", "initContainers", "volumes", "nodeSelector", "nodeName", "affinity",
-    "tolerations", "serviceAccountName", "serviceAccount", "securityContext", "restartPolicy",
-    "terminationGracePeriodSeconds", "activeDeadlineSeconds", "imagePullSecrets",
-    "hostNetwork", "hostPID", "hostIPC", "dnsPolicy", "dnsConfig", "priorityClassName",
-    "runtimeClassName", "automountServiceAccountToken", "shareProcessNamespace", "hostname",
-    "subdomain", "enableServiceLinks", "topologySpreadConstraints", "schedulerName",
-})
-_CONTAINER_FIELDS = frozenset({
-    "image", "imagePullPolicy", "resources", "env", "envFrom", "command", "args",
-    "workingDir", "volumeMounts", "ports", "livenessProbe", "readinessProbe",
-})
+_POD_SPEC_FIELDS = frozenset(
+    {
+        "containers",
+        "initContainers",
+        "volumes",
+        "nodeSelector",
+        "nodeName",
+        "affinity",
+        "tolerations",
+        "serviceAccountName",
+        "serviceAccount",
+        "securityContext",
+        "restartPolicy",
+        "terminationGracePeriodSeconds",
+        "activeDeadlineSeconds",
+        "imagePullSecrets",
+        "hostNetwork",
+        "hostPID",
+        "hostIPC",
+        "dnsPolicy",
+        "dnsConfig",
+        "priorityClassName",
+        "runtimeClassName",
+        "automountServiceAccountToken",
+        "shareProcessNamespace",
+        "hostname",
+        "subdomain",
+        "enableServiceLinks",
+        "topologySpreadConstraints",
+        "schedulerName",
+    }
+)
+_CONTAINER_FIELDS = frozenset(
+    {
+        "image",
+        "imagePullPolicy",
+        "resources",
+        "env",
+        "envFrom",
+        "command",
+        "args",
+        "workingDir",
+        "volumeMounts",
+        "ports",
+        "livenessProbe",
+        "readinessProbe",
+    }
+)
 _METADATA_FIELDS = frozenset({"name", "generateName", "labels", "annotations"})
 # ContainerSSH names with a different kuberun spelling.
 _RENAMED = {
@@ -196,9 +232,7 @@ class Section:
                 raise ConfigError(f"{path}[{i}]", f"expected a string, got {describe(item)}")
         return tuple(value)
 
-    def optional_strings(
-        self, key: str, default: tuple[str, ...] | None
-    ) -> tuple[str, ...] | None:
+    def optional_strings(self, key: str, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
         """A list of strings or null."""
         if self.data.get(key, default) is None:
             return None

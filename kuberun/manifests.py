@@ -56,8 +56,21 @@ ANNOTATION_USERNAME = "kuberun.io/username"
 
 #: Signal names an SSH ``signal`` request may carry (RFC 4254 section 6.10).
 SIGNAL_NAMES: frozenset[str] = frozenset(
-    {"ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
-     "USR1", "USR2"}
+    {
+        "ABRT",
+        "ALRM",
+        "FPE",
+        "HUP",
+        "ILL",
+        "INT",
+        "KILL",
+        "PIPE",
+        "QUIT",
+        "SEGV",
+        "TERM",
+        "USR1",
+        "USR2",
+    }
 )
 
 _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")

@@ -85,12 +85,8 @@ class Metrics:
             "SSH EOFs that could not be passed on (API server without v5.channel.k8s.io).",
             registry=r,
         )
-        self.pods_created = Counter(
-            "kuberun_pods_created", "Pods created by kuberun.", registry=r
-        )
-        self.pods_deleted = Counter(
-            "kuberun_pods_deleted", "Pods deleted by kuberun.", registry=r
-        )
+        self.pods_created = Counter("kuberun_pods_created", "Pods created by kuberun.", registry=r)
+        self.pods_deleted = Counter("kuberun_pods_deleted", "Pods deleted by kuberun.", registry=r)
         self.pod_start_failures = Counter(
             "kuberun_pod_start_failures",
             "Pods that did not become ready, by reason (ErrImagePull, Timeout, ...).",

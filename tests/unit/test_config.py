@@ -568,9 +568,7 @@ def test_config_error_in_file_names_key_and_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.path == "pod.spek"
-    assert str(info.value) == (
-        f"pod.spek: unknown key (did you mean 'spec'?) ({path}, line 4)"
-    )
+    assert str(info.value) == (f"pod.spek: unknown key (did you mean 'spec'?) ({path}, line 4)")
 
 
 def test_nested_error_points_at_the_nearest_line(tmp_path: Path) -> None:

@@ -45,8 +45,17 @@ from kuberun.manifests import (
 
 # Every POSIX shell on this machine; the wrapper must work on each.
 SHELLS = sorted(
-    {os.path.realpath(p) for p in ("/bin/sh", shutil.which("dash"), shutil.which("bash"),
-                                   shutil.which("busybox"), shutil.which("mksh")) if p}
+    {
+        os.path.realpath(p)
+        for p in (
+            "/bin/sh",
+            shutil.which("dash"),
+            shutil.which("bash"),
+            shutil.which("busybox"),
+            shutil.which("mksh"),
+        )
+        if p
+    }
 )
 
 
@@ -299,8 +308,11 @@ def test_build_pod_defaults() -> None:
     pod = build_pod(PodConfig(), connection_id="c", username="bob")
     meta = pod["metadata"]
     assert meta["generateName"] == "kuberun-"
-    assert meta["labels"] == {LABEL_MANAGED_BY: "kuberun", LABEL_CONNECTION_ID: "c",
-                              LABEL_USERNAME: "bob"}
+    assert meta["labels"] == {
+        LABEL_MANAGED_BY: "kuberun",
+        LABEL_CONNECTION_ID: "c",
+        LABEL_USERNAME: "bob",
+    }
     assert meta["annotations"] == {ANNOTATION_USERNAME: "bob"}
     assert "ownerReferences" not in meta
     assert pod["spec"]["containers"][0]["command"] == list(PodConfig().idle_command)
@@ -337,8 +349,12 @@ def test_build_pod_without_console_container() -> None:
 
 def test_incomplete_owner_is_rejected() -> None:
     with pytest.raises(ValueError, match="uid"):
-        build_pod(PodConfig(), connection_id="c", username="u",
-                  owner={"apiVersion": "v1", "kind": "Pod", "name": "g"})
+        build_pod(
+            PodConfig(),
+            connection_id="c",
+            username="u",
+            owner={"apiVersion": "v1", "kind": "Pod", "name": "g"},
+        )
 
 
 # --------------------------------------------------------------------------
@@ -347,8 +363,18 @@ def test_incomplete_owner_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("name", "valid"),
-    [("LANG", True), ("_x1", True), ("lc_all", True), ("1A", False), ("", False),
-     ("A-B", False), ("A=B", False), ("A B", False), ("É", False), ("A\n", False)],
+    [
+        ("LANG", True),
+        ("_x1", True),
+        ("lc_all", True),
+        ("1A", False),
+        ("", False),
+        ("A-B", False),
+        ("A=B", False),
+        ("A B", False),
+        ("É", False),
+        ("A\n", False),
+    ],
 )
 def test_valid_env_name(name: str, valid: bool) -> None:
     assert valid_env_name(name) is valid
@@ -421,7 +447,7 @@ def test_wrap_rejects(kwargs: dict[str, Any], problem: str) -> None:
 
 
 HOSTILE = {
-    "QUOTES": "it's \"quoted\" \\ back\\slash",
+    "QUOTES": 'it\'s "quoted" \\ back\\slash',
     "SUBST": "$(touch {marker})",
     "BACKTICKS": "`touch {marker}`",
     "NEWLINES": "line1\nline2\n\nexport X=1; touch {marker}\n",
@@ -473,8 +499,13 @@ def test_wrapper_values_via_printf(shell: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("shell", SHELLS)
 def test_wrapper_cannot_be_steered_by_env_names(shell: str, tmp_path: Path) -> None:
     # Names the script could have used itself, and ones shells treat specially.
-    env = {"n": "0", "p": str(tmp_path / "elsewhere"), "IFS": "-", "OPTIND": "3",
-           "A": "after-the-tricky-ones"}
+    env = {
+        "n": "0",
+        "p": str(tmp_path / "elsewhere"),
+        "IFS": "-",
+        "OPTIND": "3",
+        "A": "after-the-tricky-ones",
+    }
     pid_file = tmp_path / "pid"
     argv = wrap_command(print_env_program(sorted(env)), env=env, pid_file=str(pid_file))
     result = run(shell_argv(shell, argv), cwd=tmp_path)
@@ -570,8 +601,19 @@ def test_kill_argv_rejects_unknown_signals(name: str) -> None:
 
 def test_signal_names_are_rfc4254s() -> None:
     assert {
-        "ABRT", "ALRM", "FPE", "HUP", "ILL", "INT", "KILL", "PIPE", "QUIT", "SEGV", "TERM",
-        "USR1", "USR2",
+        "ABRT",
+        "ALRM",
+        "FPE",
+        "HUP",
+        "ILL",
+        "INT",
+        "KILL",
+        "PIPE",
+        "QUIT",
+        "SEGV",
+        "TERM",
+        "USR1",
+        "USR2",
     } == SIGNAL_NAMES
 
 
