@@ -27,13 +27,11 @@ from .config import Config
 from .errors import PodStartError
 from .execstream import ExecConnector
 from .lease import PodLease
-from .manifests import LABEL_CONNECTION_ID, LABEL_MANAGED_BY, MANAGED_BY, build_pod
+from .manifests import LABEL_SESSION_ID, build_pod, id_label_value, managed_selector
 from .pods import PodController, PodRef
 from .session import KuberunSession
 
 __all__ = ["NetworkHandler", "SSHConnectionHandler", "new"]
-
-LABEL_SESSION_ID = "kuberun.io/session-id"
 
 _connectors: weakref.WeakKeyDictionary[Any, dict[float, ExecConnector]] = (
     weakref.WeakKeyDictionary()
@@ -214,10 +212,9 @@ class SSHConnectionHandler:
             owner=net.owner,
             session_id=session_id,
         )
-        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_CONNECTION_ID}={self.connection_id}"
+        selector = managed_selector(connection_id=self.connection_id)
         if session_id is not None:
-            manifest["metadata"].setdefault("labels", {})[LABEL_SESSION_ID] = session_id
-            selector += f",{LABEL_SESSION_ID}={session_id}"
+            selector += f",{LABEL_SESSION_ID}={id_label_value(session_id)}"
         return manifest, selector
 
     def start_connection_pod(self) -> PodLease:
