@@ -116,9 +116,10 @@ class ExecStream(asyncio.BufferedProtocol):
     # -- asyncio protocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # uvloop's TLS transport is not an asyncio.Transport subclass; it has
+        # the same methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._decoder is not None:
@@ -241,29 +242,32 @@ class ExecStream(asyncio.BufferedProtocol):
 
     # -- decoder callbacks ------------------------------------------------
 
+    # The decoder calls these while it parses. Anything that writes to or
+    # closes the TLS transport is deferred with call_soon: asyncio's TLS layer
+    # may read again from inside write()/close(), re-entering the decoder.
+
     def _on_status(self, data: bytes) -> None:
         self._status = data
         # Kubernetes sends all output before the status, so the exec is over:
         # report now rather than waiting for the close handshake.
         self._finish(self._result_from_status())
-        self._send(self._encoder.close(1000, ""))
-        if self._transport is not None:
-            self._transport.close()
+        asyncio.get_running_loop().call_soon(self._close_transport)
 
     def _on_ping(self, payload: bytes) -> None:
-        self._send(self._encoder.pong(payload))
+        asyncio.get_running_loop().call_soon(self._send, self._encoder.pong(payload))
 
     def _on_close(self, code: int | None, reason: str) -> None:
-        self._send(self._encoder.close(1000, ""))
-        if self._transport is not None:
-            self._transport.close()
+        asyncio.get_running_loop().call_soon(self._close_transport)
         if self._status is None:
             why = f" (code {code}{', ' + reason if reason else ''})" if code is not None else ""
-            self._finish(
-                ExecResult(
-                    None, ExecStreamLost(f"API server closed the exec stream without a status{why}")
-                )
-            )
+            lost = ExecStreamLost(f"API server closed the exec stream without a status{why}")
+            self._finish(ExecResult(None, lost))
+
+    def _close_transport(self) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(self._encoder.close(1000, ""))
+            transport.close()
 
     def _result_from_status(self) -> ExecResult:
         try:
@@ -280,7 +284,7 @@ class ExecStream(asyncio.BufferedProtocol):
     def _fail(self, exc: KuberunError) -> None:
         self._finish(ExecResult(None, exc))
         if self._transport is not None:
-            self._transport.abort()
+            asyncio.get_running_loop().call_soon(self._transport.abort)
 
     def _finish(self, result: ExecResult) -> None:
         if self._finished:
@@ -459,8 +463,7 @@ class ExecConnector:
                 ssl=self._ssl,
                 server_hostname=self._server_hostname if self._ssl else None,
             )
-            assert isinstance(transport, asyncio.Transport)
-            opened.append(transport)
+            opened.append(cast(asyncio.Transport, transport))
             transport.write(request)
             await proto._upgraded
             return proto

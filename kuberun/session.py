@@ -22,6 +22,7 @@ import asyncssh
 from .errors import (
     EXIT_SHUTDOWN,
     CommandStartError,
+    ExecStreamLost,
     KuberunError,
     exit_status_for,
 )
@@ -91,6 +92,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._progress_timer: asyncio.TimerHandle | None = None
         self._eof_warned = False
         self._published = False
+        self._pending: list[bytes] = []
         # Replaced by the channel's own bound methods in connection_made.
         self.exec_stdout: Callable[[memoryview], object] = _drop
         self.exec_stderr: Callable[[memoryview], object] = _drop
@@ -103,8 +105,6 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         # decoder caches these bound methods.
         self.exec_stdout = cast(Callable[[memoryview], object], chan.write)
         self.exec_stderr = cast(Callable[[memoryview], object], chan.write_stderr)
-        # Hold SSH input until the exec is open (the SSH window bounds it).
-        chan.pause_reading()
         self._conn.session_opened(self)
 
     def pty_requested(
@@ -143,7 +143,17 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def session_started(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
+        self._task = asyncio.ensure_future(self._run_guarded())
+
+    async def _run_guarded(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug must end this one session with a message, never go unseen.
+            self._log.exception("session %s: internal error", self._id)
+            self._end_with_error(ExecStreamLost(f"internal error: {exc!r}"))
 
     # -- start-up ---------------------------------------------------------
 
@@ -191,6 +201,9 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._log.info("session %s: %s started in Pod %s", self._id, self._kind, self._pod.name)
         if self._term is not None and self._size is not None:
             stream.resize(*self._size)
+        if self._pending:
+            stream.write_stdin(b"".join(self._pending))
+            self._pending.clear()
         if self._eof:
             self._deliver_eof(stream)
         if not stream.finished:
@@ -258,6 +271,12 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         stream = self._stream
         if stream is not None:
             stream.write_stdin(data)
+        elif not self._closed:
+            # Input before the exec is open: keep it and stop reading, so the
+            # SSH window bounds what is held here.
+            self._pending.append(data)
+            if self._chan is not None:
+                self._chan.pause_reading()
 
     def eof_received(self) -> bool:
         self._eof = True

@@ -156,9 +156,7 @@ async def test_api_calls_per_connection(gateway: Gateway) -> None:
 
 
 async def _faulty_create(gateway: Gateway, status: int, **kwargs: Any) -> None:
-    gateway.cluster.faults.fail_requests(
-        "POST", r"/api/v1/namespaces/[^/]+/pods$", status=status, count=2, **kwargs
-    )
+    gateway.cluster.faults.fail(status, method="POST", verb="create", count=2, **kwargs)
     code, out, err = await gateway.ssh("echo ok")
     assert (code, out) == (0, b"ok\n"), err
     await gateway.wait_no_pods()
