@@ -124,12 +124,12 @@ def decode_status(data: bytes, protocol: str = PROTOCOL_V5) -> int:
     if not isinstance(status, dict):
         raise ExecError("exec status is not a JSON object", _MALFORMED)
     state = status.get("status")
+    if state == "Success":
+        return 0
     message = status.get("message", "")
     reason = status.get("reason", "")
     if not isinstance(message, str) or not isinstance(reason, str):
         raise ExecError("exec status has a non-string message or reason", _MALFORMED)
-    if state == "Success":
-        return 0
     if state != "Failure":
         raise ExecError(f"exec status has unknown status {state!r}"[:200], _MALFORMED)
     if reason == "NonZeroExitCode":

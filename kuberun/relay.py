@@ -90,8 +90,7 @@ else:
                 "'python setup.py build_ext --inplace'"
             ) from exc
         _message = (
-            f"kuberun: the Cython relay is unavailable ({exc}); "
-            "using the slower pure-Python relay"
+            f"kuberun: the Cython relay is unavailable ({exc}); using the slower pure-Python relay"
         )
         warnings.warn(_message, RuntimeWarning, stacklevel=2)
         _log.warning("%s", _message)
