@@ -463,7 +463,7 @@ class ExecConnector:
                 ssl=self._ssl,
                 server_hostname=self._server_hostname if self._ssl else None,
             )
-            opened.append(cast(asyncio.Transport, transport))
+            opened.append(transport)
             transport.write(request)
             await proto._upgraded
             return proto
