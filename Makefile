@@ -45,5 +45,15 @@ demo: build
 bench: build
 	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m pytest benchmarks --benchmark-only --benchmark-group-by=param:size --benchmark-columns=min,median,mean,ops
 
+# The sdist and, built from it, a manylinux wheel repaired by auditwheel, into dist/.
+.PHONY: wheel test-wheel
+wheel: system-deps
+	PYTHON=$(PYTHON) ./scripts/test-wheel.sh --no-test
+
+# `make wheel`, then the repaired wheel installed in a fresh venv and the tests run against it
+# (tests/unit by default; WHEEL_TESTS='tests/integration -x' for others).
+test-wheel: system-deps
+	PYTHON=$(PYTHON) ./scripts/test-wheel.sh $(or $(WHEEL_TESTS),tests/unit)
+
 clean:
 	rm -rf build dist *.egg-info kuberun/_relay.c kuberun/_relay*.so kuberun/_relay.html
