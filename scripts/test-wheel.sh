@@ -132,7 +132,7 @@ step "fresh venv with the repaired wheel and its dev extra"
 "$PYTHON" -m venv "$WORK/venv"
 VENV_PY=$WORK/venv/bin/python
 # No .pyc compilation of the (large) dev dependencies: this venv is thrown away.
-quietly venv-pip "$VENV_PY" -m pip install --no-compile "$REPAIRED[dev]"
+quietly venv-pip "$VENV_PY" -m pip install --no-compile "${REPAIRED}[dev]"
 
 # The tests run from a directory that has tests/ and pyproject.toml (pytest settings) only.
 RUN=$WORK/run
