@@ -111,6 +111,7 @@ class ExecStream(asyncio.BufferedProtocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._rx_seen = True
         self._stdin_closed = False
+        self._output_paused = False
         self.protocol = ""
 
     # -- asyncio protocol -------------------------------------------------
@@ -304,8 +305,9 @@ class ExecStream(asyncio.BufferedProtocol):
         self._ping_handle = None
         if self._finished or self._transport is None:
             return
-        if not self._rx_seen:
+        if not self._rx_seen and not self._output_paused:
             # Nothing at all (not even a pong) for a whole interval after a ping.
+            # (While output is paused we are not reading, so silence proves nothing.)
             self._fail(ExecStreamLost("API server stopped answering WebSocket pings"))
             return
         self._rx_seen = False
@@ -363,10 +365,13 @@ class ExecStream(asyncio.BufferedProtocol):
 
     def pause_output(self) -> None:
         """Stop reading from the API server (the SSH side is full)."""
+        self._output_paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_output(self) -> None:
+        self._output_paused = False
+        self._rx_seen = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
 

@@ -79,6 +79,9 @@ class AuthorizedKeysServer(SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         assert self.conn is not None
+        banner = self.gateway.config.ssh.banner
+        if banner:
+            self.conn.send_auth_banner(banner if banner.endswith("\n") else banner + "\n")
         keys: asyncssh.SSHAuthorizedKeys | None = None
         for path in self._key_files(username):
             try:
