@@ -67,7 +67,7 @@ cdef enum:
     # Stdout/stderr pieces shorter than this are copied into the staging buffer
     # and delivered together: a memcpy of a few hundred bytes is far cheaper than
     # a Python call. Longer pieces are handed over as views, uncopied.
-    STAGE_PIECE_MAX = 2048
+    STAGE_PIECE_MAX = 8192
     STAGE_SIZE = 65536
     MASK_POOL = 4096   # randomness fetched per refill: 1024 mask keys
 
