@@ -24,9 +24,9 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Mod
     return None
 
 
-def _medians(config: pytest.Config) -> dict[tuple[str, str, Any], float]:
+def _medians(config: pytest.Config) -> dict[tuple[str, Any, Any], float]:
     session = getattr(config, "_benchmarksession", None)
-    out: dict[tuple[str, str, Any], float] = {}
+    out: dict[tuple[str, Any, Any], float] = {}
     for bench in getattr(session, "benchmarks", None) or []:
         params = bench.params or {}
         try:

@@ -123,7 +123,7 @@ def build_frame(fdp: atheris.FuzzedDataProvider) -> bytes:
     """One frame chosen by the fuzzer; mostly well formed, sometimes not."""
     kind = fdp.ConsumeIntInRange(0, 9)
     if kind == 0:
-        return fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 12))  # raw bytes
+        return bytes(fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 12)))  # raw bytes
     flags = fdp.ConsumeIntInRange(0, 15)
     fin = 0x80 if flags & 0x7 else 0
     rsv = 0x10 if flags == 15 else 0
@@ -132,11 +132,11 @@ def build_frame(fdp: atheris.FuzzedDataProvider) -> bytes:
         head = (
             b"" if flags == 14 else bytes([(0, 1, 1, 2, 2, 3, 4, 255)[fdp.ConsumeIntInRange(0, 7)]])
         )
-        body = head + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300))
+        body = head + bytes(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 300)))
     else:
         opcode = (0x9, 0xA, 0x8)[kind - 7]
         fin = 0x80 if flags != 13 else 0
-        body = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 127))
+        body = bytes(fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 127)))
     n = len(body)
     form = fdp.ConsumeIntInRange(0, 7)
     b0 = fin | rsv | opcode
@@ -196,12 +196,12 @@ def test_one_input(data: bytes) -> None:
     protocol = _relay_common.PROTOCOLS[fdp.ConsumeIntInRange(0, 2)]
     cuts = [fdp.ConsumeIntInRange(0, 400) for _ in range(fdp.ConsumeIntInRange(0, 12))]
     if structured:
-        frames = []
+        frames: list[bytes] = []
         while fdp.remaining_bytes() and len(frames) < 40:
             frames.append(build_frame(fdp))
         stream = b"".join(frames)
     else:
-        stream = fdp.ConsumeBytes(fdp.remaining_bytes())
+        stream = bytes(fdp.ConsumeBytes(fdp.remaining_bytes()))
 
     chunks = []
     pos = 0

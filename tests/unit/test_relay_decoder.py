@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -60,7 +61,7 @@ BODY_32768 = bytes(i * 7 % 256 for i in range(32768))
 BODY_69999 = bytes(i * 13 % 251 for i in range(69999))
 
 # (name, stream, expected normalized sink calls, protocol)
-VECTORS: list[tuple[str, bytes, list[tuple[object, ...]], str]] = [
+VECTORS: list[tuple[str, bytes, list[tuple[Any, ...]], str]] = [
     ("initial-empty-stdout", bytes.fromhex("820101"), [], "v5.channel.k8s.io"),
     (
         "stdout-hello",
@@ -163,7 +164,7 @@ def test_vectors(
     splitter: str,
     name: str,
     stream: bytes,
-    expected: list[tuple[object, ...]],
+    expected: list[tuple[Any, ...]],
     protocol: str,
 ) -> None:
     out = run_decoder(relay_impl, SPLITTERS[splitter](stream), via=via, protocol=protocol)
@@ -177,7 +178,7 @@ def test_vectors(
 
 def test_buffer_path_with_small_buffer(relay_impl: ModuleType) -> None:
     stream = data(1, bytes(5000)) + data(2, b"x" * 300)
-    out = run_decoder(relay_impl, [stream], via="buffer", buffer_size=64)
+    out = run_decoder(relay_impl, [stream], via="buffer", limits={"buffer_size": 64})
     assert out.events == [("stdout", bytes(5000)), ("stderr", b"x" * 300)]
 
 
@@ -247,7 +248,7 @@ def test_two_status_messages_are_delivered_separately(relay_impl: ModuleType) ->
 
 
 def test_status_exactly_at_the_limit(relay_impl: ModuleType) -> None:
-    out = run_decoder(relay_impl, [data(3, b"s" * 100)], max_status=100)
+    out = run_decoder(relay_impl, [data(3, b"s" * 100)], limits={"max_status": 100})
     assert out.events == [("status", b"s" * 100)]
 
 
@@ -293,8 +294,9 @@ def test_any_bytes_like_input(relay_impl: ModuleType) -> None:
     stream = data(1, b"abcdef") + data(2, b"gh")
     padded = stream + b"\x82\x00" * (len(stream) % 2)  # a whole number of 16-bit items
     expected = [("stdout", b"abcdef"), ("stderr", b"gh")]
-    for chunk in (bytearray(padded), memoryview(padded), array.array("H", padded)):
-        assert run_decoder(relay_impl, [chunk]).events == expected  # type: ignore[list-item]
+    chunks: list[Any] = [bytearray(padded), memoryview(padded), array.array("H", padded)]
+    for chunk in chunks:
+        assert run_decoder(relay_impl, [chunk]).events == expected
     assert run_decoder(relay_impl, [memoryview(b"xx" + padded)[2:]]).events == expected
 
 
@@ -427,7 +429,7 @@ def test_malformed_input(
     message: str,
 ) -> None:
     good = data(1, b"before") + frame(0x9, b"")
-    out = run_decoder(relay_impl, SPLITTERS[splitter](good + stream), via=via, **kwargs)
+    out = run_decoder(relay_impl, SPLITTERS[splitter](good + stream), via=via, limits=kwargs)
     assert out.error is not None and message in out.error[1], out
     # Everything before the bad bytes was delivered.
     assert out.events[:2] == [("stdout", b"before"), ("ping", b"")]

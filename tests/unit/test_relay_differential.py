@@ -128,10 +128,10 @@ def test_implementations_agree(
     py, cy = relay_pair
     stream = data.draw(stream_strategy(), label="stream")
     chunks = data.draw(split_points(stream), label="chunks")
-    reference = run_decoder(py, [stream], **limits)
+    reference = run_decoder(py, [stream], limits=limits)
     for impl in (py, cy):
         for via in ("feed", "buffer"):
-            got = run_decoder(impl, chunks, via=via, **limits)
+            got = run_decoder(impl, chunks, via=via, limits=limits)
             assert got.key() == reference.key(), (impl.__name__, via)
 
 

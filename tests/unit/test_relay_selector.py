@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import ModuleType
 
 import pytest
 
@@ -74,7 +75,9 @@ def test_public_names() -> None:
 
 
 @pytest.mark.parametrize("impl_name", ["python", "cython"])
-def test_sink_protocol_is_satisfied_by_a_plain_class(impl_name: str, relay_pair: tuple) -> None:
+def test_sink_protocol_is_satisfied_by_a_plain_class(
+    impl_name: str, relay_pair: tuple[ModuleType, ModuleType]
+) -> None:
     impl = relay_pair[0 if impl_name == "python" else 1]
 
     class Sink:

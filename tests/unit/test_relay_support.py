@@ -119,11 +119,18 @@ def splits_random(stream: bytes, seed: int, max_chunk: int = 64) -> list[bytes]:
     return chunks
 
 
+def _random_splitter(seed: int, max_chunk: int = 64) -> Callable[[bytes], list[bytes]]:
+    def split(stream: bytes) -> list[bytes]:
+        return splits_random(stream, seed, max_chunk)
+
+    return split
+
+
 SPLITTERS: dict[str, Callable[[bytes], list[bytes]]] = {
     "whole": splits_whole,
     "bytewise": splits_bytewise,
-    **{f"random{seed}": (lambda s, seed=seed: splits_random(s, seed)) for seed in range(4)},
-    "random-large": lambda s: splits_random(s, 99, max_chunk=5000),
+    **{f"random{seed}": _random_splitter(seed) for seed in range(4)},
+    "random-large": _random_splitter(99, max_chunk=5000),
 }
 
 
@@ -149,16 +156,16 @@ class Outcome:
 
 def run_decoder(
     impl: ModuleType,
-    chunks: Sequence[bytes],
+    chunks: Sequence[Any],
     *,
     via: str = "feed",
     protocol: str | None = None,
-    **kwargs: Any,
+    limits: dict[str, int] | None = None,
 ) -> Outcome:
     """Feed ``chunks`` to a fresh decoder (``via`` "feed" or "buffer") until the first error."""
     sink = RecordingSink()
     args = (sink,) if protocol is None else (sink, protocol)
-    dec = impl.ExecDecoder(*args, **kwargs)
+    dec = impl.ExecDecoder(*args, **(limits or {}))
     error: tuple[str, str] | None = None
     try:
         for chunk in chunks:
