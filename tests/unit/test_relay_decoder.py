@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import gc
 from types import ModuleType
 from typing import Any
 
@@ -493,3 +494,32 @@ def test_feed_is_not_reentrant(relay_impl: ModuleType) -> None:
     sink.decoder = dec
     with pytest.raises(RuntimeError, match="reentrant"):
         dec.feed(data(1, b"x"))
+
+
+class _KeepingSink(RecordingSink):
+    """Breaks the contract on purpose: keeps the views past the call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[memoryview] = []
+
+    def on_stdout(self, data: memoryview) -> None:
+        self.kept.append(data)
+
+
+def test_retained_views_stay_memory_safe(relay_impl: ModuleType) -> None:
+    # Views are only valid during the call, but a sink that keeps one must not be able
+    # to read freed memory: views always refer to live objects.
+    sink = _KeepingSink()
+    dec = relay_impl.ExecDecoder(sink)
+    for body in (b"s" * 10, b"L" * 20000, b"t" * 100):
+        chunk = bytearray(data(1, body))
+        dec.feed(chunk)
+        del chunk
+    buf = dec.get_buffer(-1)
+    frame_bytes = data(1, b"B" * 30000)
+    buf[: len(frame_bytes)] = frame_bytes
+    dec.buffer_updated(len(frame_bytes))
+    del dec, buf
+    gc.collect()
+    assert sum(len(bytes(v)) for v in sink.kept) == 10 + 20000 + 100 + 30000
