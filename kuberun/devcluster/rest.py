@@ -25,6 +25,7 @@ from aiohttp import web
 
 from .apierrors import ApiError, bad_request, go_json, method_not_allowed, not_found
 from .discovery import namespace_object, node_object
+from .faults import RequestRecord
 from .patch import json_patch, merge_patch, strategic_merge_patch
 from .selectors import FieldSelector, LabelSelector, field_getter, parse_bool
 from .store import Delivery, Expired
@@ -74,6 +75,13 @@ SIMPLE_FIELDS: dict[str, Callable[[Obj], str]] = {
     "metadata.namespace": field_getter("metadata", "namespace"),
 }
 FIELDS = {"pods": POD_FIELDS, "events": EVENT_FIELDS}
+
+# Where the request's log record lives while it is being served.
+RECORD_KEY: Any = (
+    web.RequestKey("devcluster_record", RequestRecord)
+    if hasattr(web, "RequestKey")
+    else "devcluster_record"
+)
 
 DEFAULT_NAMESPACES = ("default", "kube-node-lease", "kube-public", "kube-system")
 
@@ -163,7 +171,8 @@ def _int_param(query: Any, name: str) -> int | None:
 
 async def read_body(request: web.Request) -> Any:
     """Decode a JSON (or YAML) request body; 400/415 like the API server."""
-    ctype = request.content_type or "application/json"
+    # No Content-Type means JSON to the API server (aiohttp would say octet-stream).
+    ctype = request.content_type if request.headers.get("Content-Type") else "application/json"
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -249,7 +258,7 @@ class Resources:
             pod, warnings = registry.create(
                 ns, body, dry_run=dry_run, validation=q.get("fieldValidation")
             )
-            request["record"].name = pod["metadata"]["name"]
+            request[RECORD_KEY].name = pod["metadata"]["name"]
             return json_response(pod, 201, pretty=pretty, headers=_warnings(warnings))
         if verb == "get":
             return self._respond_object(request, "pods", registry.get(ns, name))
@@ -279,7 +288,7 @@ class Resources:
         if verb == "patch":
             body = await read_body(request)
             current = registry.get(ns, name)
-            ctype = request.content_type
+            ctype = request.content_type if request.headers.get("Content-Type") else ""
             if ctype == "application/merge-patch+json":
                 patched = merge_patch(current, body)
             elif ctype == "application/strategic-merge-patch+json":

@@ -21,7 +21,7 @@ from .apierrors import ApiError, bad_request, internal_error, unauthorized
 from .discovery import API_RESOURCES, OPENAPI_V1, openapi_root, version_info
 from .execws import bearer_from_protocols
 from .faults import RequestRecord, plain_status
-from .rest import json_response, parse_request_info, read_body
+from .rest import RECORD_KEY, json_response, parse_request_info, read_body
 
 __all__ = ["build_app"]
 
@@ -95,7 +95,7 @@ class Frontend:
             watch=info.verb == "watch",
             user_agent=request.headers.get("User-Agent", ""),
         )
-        request["record"] = record
+        request[RECORD_KEY] = record
         self.cluster.requests.append(record)
         try:
             resp = await self._handle(request, info)
@@ -220,6 +220,11 @@ class Frontend:
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    # Record the status as soon as it is sent: an exec's 101 or a watch's 200 comes
+    # long before its handler returns.
+    record = request.get(RECORD_KEY)
+    if record is not None:
+        record.status = response.status
     response.headers.pop("Server", None)
     if response.status != 101:
         response.headers.setdefault("Audit-Id", str(uuid.uuid4()))
