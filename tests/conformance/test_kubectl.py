@@ -35,9 +35,7 @@ async def test_version_discovery_and_empty_list(kubectl: Kubectl) -> None:
     assert "pods" in resources.out and "po" in resources.out
 
 
-async def test_create_wait_get_list(
-    kubectl: Kubectl, cluster: DevCluster, tmp_path: Path
-) -> None:
+async def test_create_wait_get_list(kubectl: Kubectl, cluster: DevCluster, tmp_path: Path) -> None:
     await _create_ready(kubectl, tmp_path)
     got = json.loads((await kubectl("get", "pod", "web", "-o", "json", check=True)).out)
     assert got["kind"] == "Pod"
@@ -150,7 +148,9 @@ async def test_exec_tty_merges_stderr(kubectl: Kubectl, tmp_path: Path) -> None:
     await _create_ready(kubectl, tmp_path)
     term = Terminal()
     try:
-        await term.start(kubectl, "exec", "-it", "web", "--", "sh", "-c", "tty; echo err >&2; exit 3")
+        await term.start(
+            kubectl, "exec", "-it", "web", "--", "sh", "-c", "tty; echo err >&2; exit 3"
+        )
         assert await term.wait() == 3
         await term.expect(b"command terminated with exit code 3")
         assert b"/dev/pts/" in term.output
@@ -174,9 +174,7 @@ async def test_exec_interactive_tty_with_terminal_size(kubectl: Kubectl, tmp_pat
         await term.close()
 
 
-async def test_delete_wait_and_watch(
-    kubectl: Kubectl, cluster: DevCluster, tmp_path: Path
-) -> None:
+async def test_delete_wait_and_watch(kubectl: Kubectl, cluster: DevCluster, tmp_path: Path) -> None:
     await _create_ready(kubectl, tmp_path)
     watch = await kubectl.start("get", "pods", "--watch", "--output-watch-events")
     assert watch.stdout is not None
@@ -212,7 +210,7 @@ async def test_errors_read_like_a_real_server(kubectl: Kubectl, tmp_path: Path) 
     await _create_ready(kubectl, tmp_path)
     again = await kubectl("create", "-f", str(tmp_path / "web.yaml"))
     assert again.returncode == 1
-    assert 'Error from server (AlreadyExists): error when creating' in again.err
+    assert "Error from server (AlreadyExists): error when creating" in again.err
     assert 'pods "web" already exists' in again.err
     exec_missing = await kubectl("exec", "nope", "--", "true")
     assert 'pods "nope" not found' in exec_missing.err
