@@ -151,12 +151,14 @@ def test_demux(benchmark: Any, impl: str, size: int, loop: asyncio.AbstractEvent
     benchmark.pedantic(run, setup=setup_decoder, rounds=rounds, warmup_rounds=1)
 
 
+# ``size`` is a parameter so ``--benchmark-group-by=param:size`` (``make bench``) works.
+@pytest.mark.parametrize("size", [65536])
 @pytest.mark.parametrize("impl", ["cython", "python"])
-def test_stdin_encode(benchmark: Any, impl: str) -> None:
+def test_stdin_encode(benchmark: Any, impl: str, size: int) -> None:
     relay = _load(impl)
     enc = relay.ExecEncoder()
-    data = os.urandom(65536)
+    data = os.urandom(size)
     benchmark.group = "stdin-encode-64KiB"
     benchmark.extra_info["bytes"] = len(data)
     out = benchmark(enc.stdin, data)
-    assert len(out) == 65536 + 1 + 14
+    assert len(out) == size + 1 + 14

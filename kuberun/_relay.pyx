@@ -626,6 +626,7 @@ cdef class ExecEncoder:
         finally:
             PyBuffer_Release(&buf)
 
+    @cython.cdivision(True)  # step >= 1, n >= 0: C division is exact here
     cdef bytes _stdin(self, const unsigned char* src, Py_ssize_t n):
         cdef Py_ssize_t step = self._max_frame
         cdef Py_ssize_t full, last, off, chunk, total
