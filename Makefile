@@ -13,7 +13,7 @@ venv: system-deps $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -U pip "setuptools>=77" "Cython>=3.1,<3.4"
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
