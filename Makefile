@@ -57,3 +57,11 @@ test-wheel: system-deps
 
 clean:
 	rm -rf build dist *.egg-info kuberun/_relay.c kuberun/_relay*.so kuberun/_relay.html
+
+# End-to-end benchmarks (several minutes; not part of `make test`): the gateway against
+# devcluster versus a direct asyncssh server, each in its own process; throughput with
+# OpenSSH, keystroke latency, 100-1,000 concurrent sessions. Tables go to stdout, samples
+# to .benchmarks/e2e/. Pass options with BENCH_E2E_ARGS (see `python -m benchmarks.e2e -h`).
+.PHONY: bench-e2e
+bench-e2e: build
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m benchmarks.e2e $(BENCH_E2E_ARGS)

@@ -1,0 +1,138 @@
+"""Keystroke round trips: one byte into ``cat`` on a pty, its echo back, gateway versus direct.
+
+Each target gets one asyncssh client connection with a pty session running
+``stty raw -echo; exec cat`` (so ``cat`` itself echoes every byte at once).
+Round trips are taken in blocks, alternating between the targets, so a burst
+of load from elsewhere on the machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import asyncssh
+
+from .services import CIPHER, Service
+
+__all__ = ["percentile", "run"]
+
+BLOCK = 50
+WARMUP = 50
+
+
+class _Echo(asyncssh.SSHClientSession[bytes]):
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.want = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.buf += data
+        if self.waiter is not None and not self.waiter.done() and len(self.buf) >= self.want:
+            self.waiter.set_result(None)
+
+    async def expect(self, n: int) -> bytes:
+        self.want = n
+        if len(self.buf) < n:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await asyncio.wait_for(self.waiter, 60)
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def until(self, marker: bytes) -> None:
+        while marker not in self.buf:
+            self.want = len(self.buf) + 1
+            self.waiter = asyncio.get_running_loop().create_future()
+            await asyncio.wait_for(self.waiter, 120)
+        del self.buf[: self.buf.index(marker) + len(marker)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def _session(port: int, key: str) -> tuple[Any, Any, _Echo]:
+    conn = await asyncssh.connect(
+        "127.0.0.1",
+        port,
+        username="bench",
+        client_keys=[key],
+        known_hosts=None,
+        encryption_algs=[CIPHER],
+        agent_path=None,
+    )
+    chan, session = await conn.create_session(
+        _Echo,
+        "stty raw -echo; echo READY; exec cat",
+        term_type="xterm",
+        term_size=(80, 24),
+        encoding=None,
+    )
+    await session.until(b"READY")
+    return conn, chan, session
+
+
+async def _measure(targets: dict[str, int], key: str, round_trips: int) -> dict[str, list[float]]:
+    sessions = {name: await _session(port, key) for name, port in targets.items()}
+    samples: dict[str, list[float]] = {name: [] for name in targets}
+    try:
+        for _conn, chan, session in sessions.values():
+            for _ in range(WARMUP):
+                chan.write(b"w")
+                await session.expect(1)
+        done = 0
+        while done < round_trips:
+            n = min(BLOCK, round_trips - done)
+            for name, (_conn, chan, session) in sessions.items():
+                for _ in range(n):
+                    t0 = time.perf_counter_ns()
+                    chan.write(b"x")
+                    got = await session.expect(1)
+                    samples[name].append((time.perf_counter_ns() - t0) / 1e6)
+                    if got != b"x":
+                        raise RuntimeError(f"{name}: echoed {got!r}")
+            done += n
+    finally:
+        for conn, _chan, _session in sessions.values():
+            conn.close()
+            await conn.wait_closed()
+    return samples
+
+
+def run(bench: Any, args: Any) -> dict[str, Any]:
+    """Round trips against the direct server and every gateway variant already running."""
+    targets: dict[str, int] = {}
+    services: dict[str, Service] = {s.name: s for s in bench.services}
+    if "direct" not in services:
+        services["direct"] = bench.direct()
+    targets["direct"] = services["direct"].port
+    for relay in args.variants:
+        name = f"gateway-{relay}"
+        if name not in services:
+            services[name] = bench.gateway(relay)
+        targets[relay] = services[name].port
+    try:
+        import uvloop
+
+        samples = uvloop.run(_measure(targets, str(bench.key), args.round_trips))
+    except ImportError:  # pragma: no cover
+        samples = asyncio.run(_measure(targets, str(bench.key), args.round_trips))
+    out: dict[str, Any] = {"round_trips": args.round_trips, "targets": {}}
+    for name, values in samples.items():
+        out["targets"][name] = {
+            "p50_ms": statistics.median(values),
+            "p99_ms": percentile(values, 0.99),
+            "mean_ms": statistics.fmean(values),
+            "samples_ms": values,
+        }
+    return out
