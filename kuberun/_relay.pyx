@@ -15,6 +15,7 @@ cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport (
     PyByteArray_AS_STRING,
+    PyByteArray_FromStringAndSize,
     PyByteArray_GET_SIZE,
     PyByteArray_Resize,
 )
@@ -173,10 +174,13 @@ cdef class ExecDecoder:
         self._on_status = sink.on_status
         self._on_ping = sink.on_ping
         self._on_close = sink.on_close
-        self._recv = bytearray(buffer_size)
+        # Both buffers are left uninitialised (bytearray(n) would zero them): pages
+        # nothing has written to yet are not resident, so an idle or interactive
+        # session costs the few KiB it has received, not the whole buffers.
+        self._recv = PyByteArray_FromStringAndSize(NULL, buffer_size)
         self._recv_view = memoryview(self._recv)
         self._recv_size = buffer_size
-        self._stage = bytearray(STAGE_SIZE)
+        self._stage = PyByteArray_FromStringAndSize(NULL, STAGE_SIZE)
         self._stage_view = memoryview(self._stage)
         self._stage_ptr = <unsigned char*>PyByteArray_AS_STRING(self._stage)
         self._stage_len = 0
