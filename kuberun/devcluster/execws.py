@@ -294,6 +294,9 @@ class ExecSession:
         self.tty = opts.tty
         self.runtime: Runtime = handler.cluster.runtime
         self.drop_after: int | None = handler.cluster.faults.exec_drop_after(namespace, name)
+        self.hostile: bytes | None = handler.cluster.faults.exec_hostile(
+            namespace, name, opts.command
+        )
         self.sent = 0
         self.dropped = False
         self.stdin: FdWriter | None = None
@@ -422,6 +425,13 @@ class ExecSession:
             await self._send_frame(self.initial_channel(), b"")
         except (ConnectionError, RuntimeError):
             await self.finish()
+            return
+        if self.hostile is not None:
+            # Fault injection: raw bytes that break the protocol, then TCP close.
+            transport = self.request.transport
+            if transport is not None:
+                transport.write(self.hostile)
+                transport.close()
             return
         try:
             proc = self._spawn(ctr)

@@ -23,7 +23,15 @@ from typing import Any
 
 from .apierrors import ApiError, bad_request, status_body
 
-__all__ = ["Fault", "Faults", "RequestLog", "RequestRecord", "error_for_status"]
+__all__ = [
+    "HOSTILE_EXEC_MODES",
+    "Fault",
+    "Faults",
+    "RequestLog",
+    "RequestRecord",
+    "error_for_status",
+    "hostile_exec_bytes",
+]
 
 _REASONS = {
     400: "BadRequest",
@@ -257,6 +265,38 @@ class Faults:
         params = {"afterBytes": after_bytes, "name": name, "namespace": namespace}
         return self._add("drop_exec", params, count, name=name, namespace=namespace)
 
+    def hostile_exec(
+        self,
+        mode: str,
+        *,
+        after_bytes: int = 0,
+        command: str | None = None,
+        name: str | None = None,
+        namespace: str | None = None,
+        count: int | None = 1,
+    ) -> Fault:
+        """Make matching exec streams break the WebSocket or exec protocol on purpose.
+
+        After the upgrade and ``after_bytes`` of well-formed stdout, the server
+        writes the raw bytes of ``mode`` (one of :data:`HOSTILE_EXEC_MODES`) to
+        the connection and closes it; the process is never started.
+        ``command`` is a regex on the exec's argv joined with spaces.
+        """
+        if mode not in HOSTILE_EXEC_MODES:
+            raise bad_request(f"unknown hostile exec mode {mode!r}; one of {HOSTILE_EXEC_MODES}")
+        if not isinstance(after_bytes, int) or after_bytes < 0:
+            raise bad_request("afterBytes must be a non-negative integer")
+        params = {
+            "mode": mode,
+            "afterBytes": after_bytes,
+            "command": command,
+            "name": name,
+            "namespace": namespace,
+        }
+        return self._add(
+            "hostile_exec", params, count, command=command, name=name, namespace=namespace
+        )
+
     def drop_watches(
         self,
         *,
@@ -301,6 +341,7 @@ class Faults:
             "delay_pod_start": self.delay_pod_start,
             "fail_image_pull": self.fail_image_pull,
             "drop_exec": self.drop_exec,
+            "hostile_exec": self.hostile_exec,
             "drop_watches": self.drop_watches,
         }
         maker = makers.get(str(kind))
@@ -366,6 +407,16 @@ class Faults:
         fault._fire()
         return int(fault.params["afterBytes"])
 
+    def exec_hostile(self, namespace: str, name: str, command: list[str]) -> bytes | None:
+        """The raw bytes this exec stream must send instead of running, or None."""
+        fault = self._first(
+            "hostile_exec", namespace=namespace, name=name, command=" ".join(command)
+        )
+        if fault is None:
+            return None
+        fault._fire()
+        return hostile_exec_bytes(fault.params["mode"], int(fault.params["afterBytes"]))
+
     def watch_drop_after(self, path: str) -> int | None:
         """Events after which this watch is cut, or None."""
         fault = self._first("drop_watches", path=path)
@@ -373,6 +424,74 @@ class Faults:
             return None
         fault._fire()
         return int(fault.params["afterEvents"])
+
+
+#: What :meth:`Faults.hostile_exec` can make an exec stream send.
+HOSTILE_EXEC_MODES = (
+    "masked_frame",  # a server frame with the MASK bit set (RFC 6455 5.1 forbids it)
+    "impossible_length",  # a 64-bit length with the most significant bit set
+    "oversized_length",  # a well-formed length of 1 TiB
+    "bad_opcode",  # reserved opcode 0x3
+    "reserved_bits",  # RSV1 set without a negotiated extension
+    "fragmented_control",  # a ping without FIN
+    "bad_continuation",  # a continuation frame with no message to continue
+    "close_mid_frame",  # the header of a 1000-byte frame, 10 bytes of it, then TCP close
+    "garbage_status",  # a channel-3 message that is not JSON
+    "huge_status",  # a well-framed 1 MiB channel-3 message
+    "nested_status",  # channel-3 JSON nested deeper than any decoder recurses
+)
+
+
+def _server_frame(payload: bytes, *, opcode: int = 0x2, fin: bool = True, rsv: int = 0) -> bytes:
+    """One unmasked server frame, encoded here (never by aiohttp or kuberun's codec)."""
+    first = (0x80 if fin else 0) | rsv | opcode
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 0x10000:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+def hostile_exec_bytes(mode: str, after_bytes: int = 0) -> bytes:
+    """The raw server-to-client bytes of a hostile exec stream: ``after_bytes`` of
+    well-formed stdout (channel 1), then the protocol violation ``mode`` names."""
+    out = bytearray()
+    left = after_bytes
+    while left > 0:
+        n = min(left, 32 * 1024)
+        out += _server_frame(b"\x01" + b"x" * n)
+        left -= n
+    if mode == "masked_frame":
+        out += bytes((0x82, 0x80 | 6)) + b"\x00\x00\x00\x00" + b"\x01hello"
+    elif mode == "impossible_length":
+        out += bytes((0x82, 127)) + (1 << 63 | 5).to_bytes(8, "big") + b"\x01xxxx"
+    elif mode == "oversized_length":
+        out += bytes((0x82, 127)) + (1 << 40).to_bytes(8, "big") + b"\x01xxxx"
+    elif mode == "bad_opcode":
+        out += _server_frame(b"\x01xx", opcode=0x3)
+    elif mode == "reserved_bits":
+        out += _server_frame(b"\x01xx", rsv=0x40)
+    elif mode == "fragmented_control":
+        out += _server_frame(b"ping", opcode=0x9, fin=False)
+    elif mode == "bad_continuation":
+        out += _server_frame(b"\x01xx", opcode=0x0)
+    elif mode == "close_mid_frame":
+        out += bytes((0x82, 126)) + (1000).to_bytes(2, "big") + b"\x01" + b"y" * 9
+    elif mode == "garbage_status":
+        out += _server_frame(b"\x03\xff\xfe{not json at all")
+    elif mode == "huge_status":
+        message = "x" * (1 << 20)
+        out += _server_frame(
+            b"\x03" + b'{"status":"Failure","message":"' + message.encode() + b'"}'
+        )
+    elif mode == "nested_status":
+        out += _server_frame(b"\x03" + b"[" * 30_000 + b"]" * 30_000)
+    else:
+        raise ValueError(f"unknown hostile exec mode {mode!r}")
+    if mode in ("garbage_status", "huge_status", "nested_status"):
+        out += _server_frame((1000).to_bytes(2, "big"), opcode=0x8)
+    return bytes(out)
 
 
 def plain_status(err: ApiError) -> bytes:

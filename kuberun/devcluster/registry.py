@@ -81,7 +81,8 @@ class PodRegistry:
         meta = body.get("metadata") or {}
         name = meta.get("name") or ""
         prefix = meta.get("generateName") or ""
-        attempts = _GENERATE_ATTEMPTS if not name and prefix else 1
+        generating = not name and bool(prefix)
+        attempts = _GENERATE_ATTEMPTS if generating else 1
         for _ in range(attempts):
             pod = default_pod(body, namespace)
             if not name and prefix:
@@ -90,6 +91,8 @@ class PodRegistry:
             new_name = pod["metadata"]["name"]
             if self.store.get("pods", namespace, new_name) is None:
                 break
+            if not generating:
+                raise already_exists("pods", new_name)
         else:
             raise ApiError(
                 409,
@@ -98,8 +101,6 @@ class PodRegistry:
                 "unique name for the object",
                 {"name": new_name, "kind": "pods", "retryAfterSeconds": 1},
             )
-        if self.store.get("pods", namespace, new_name) is not None:
-            raise already_exists("pods", new_name)
         if dry_run:
             return pod, warnings
         stored = self.store.create("pods", pod)

@@ -568,26 +568,33 @@ class Resources:
             return resp
         try:
             await resp.prepare(request)
+            drop_after = self.cluster.faults.watch_drop_after(request.path)
+            sent = 0
+
+            async def send(line: bytes) -> None:
+                nonlocal sent
+                if drop_after is not None and sent >= drop_after:
+                    # An injected failure: the stream is cut, not ended.
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise ConnectionResetError("watch dropped by fault injection")
+                await resp.write(line)
+                sent += 1
+
             if initial:
                 snapshot = [o for o in self.store.list(resource, namespace) if pred(o)]
                 for obj in snapshot:
-                    await resp.write(
-                        self._encode(Delivery("ADDED", obj, 0), resource, as_table, include)
-                    )
+                    await send(self._encode(Delivery("ADDED", obj, 0), resource, as_table, include))
                 if parse_bool(send_initial) and bookmarks:
                     mark = _bookmark(resource, self.store.rv, initial_end=True)
-                    await resp.write(go_json({"type": "BOOKMARK", "object": mark}) + b"\n")
+                    await send(go_json({"type": "BOOKMARK", "object": mark}) + b"\n")
+            if drop_after is not None and sent >= drop_after:
+                await send(b"")
             timeout = _int_param(q, "timeoutSeconds")
             budget = float(timeout) if timeout and timeout > 0 else random.uniform(1800, 3600)
             deadline = time.monotonic() + budget
-            drop_after = self.cluster.faults.watch_drop_after(request.path)
-            sent = 0
             next_bookmark = time.monotonic() + self.cluster.bookmark_interval
             while True:
-                if drop_after is not None and sent >= drop_after:
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return resp
                 now = time.monotonic()
                 if now >= deadline or self.cluster.stopping:
                     break
@@ -597,13 +604,10 @@ class Resources:
                 if watcher.closed and not watcher.pending:
                     break
                 for delivery in watcher.drain():
-                    await resp.write(self._encode(delivery, resource, as_table, include))
-                    sent += 1
-                    if drop_after is not None and sent >= drop_after:
-                        break
+                    await send(self._encode(delivery, resource, as_table, include))
                 if bookmarks and time.monotonic() >= next_bookmark:
                     mark = _bookmark(resource, self.store.rv)
-                    await resp.write(go_json({"type": "BOOKMARK", "object": mark}) + b"\n")
+                    await send(go_json({"type": "BOOKMARK", "object": mark}) + b"\n")
                     next_bookmark = time.monotonic() + self.cluster.bookmark_interval
             await resp.write_eof()
         except (ConnectionError, RuntimeError):
