@@ -17,7 +17,7 @@ import collections
 import itertools
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -407,7 +407,7 @@ class Faults:
         fault._fire()
         return int(fault.params["afterBytes"])
 
-    def exec_hostile(self, namespace: str, name: str, command: list[str]) -> bytes | None:
+    def exec_hostile(self, namespace: str, name: str, command: Sequence[str]) -> bytes | None:
         """The raw bytes this exec stream must send instead of running, or None."""
         fault = self._first(
             "hostile_exec", namespace=namespace, name=name, command=" ".join(command)

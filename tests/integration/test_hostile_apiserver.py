@@ -101,7 +101,7 @@ async def test_hostile_exec_streams(gateway: Gateway) -> None:
                 task.cancel()
             await asyncio.gather(*bystanders, return_exceptions=True)
             raise
-        problems = []
+        problems: list[tuple[Any, ...]] = []
         for mode, result in zip(HOSTILE_EXEC_MODES, results, strict=True):
             status, words = EXPECTED[mode]
             stderr = result.stderr.decode(errors="replace")
