@@ -195,8 +195,8 @@ class ExecStream(asyncio.BufferedProtocol):
         if response.status != 101:
             self._refused = response
             self._response_body = bytearray(rest)
-            length = response.header("content-length")
-            self._body_left = int(length) - len(rest) if length.isdigit() else -1
+            length = response.content_length()
+            self._body_left = max(length - len(rest), 0) if length is not None else -1
             self._collect_body(0)
             return
         problem = ""

@@ -33,6 +33,9 @@ SUBPROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 #: Upper bound on the response head; a real API server sends a few hundred bytes.
 MAX_HEAD = 64 * 1024
 
+#: Longest API server explanation quoted in an error message.
+MAX_MESSAGE = 1024
+
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -46,6 +49,14 @@ class UpgradeResponse:
 
     def header(self, name: str) -> str:
         return self.headers.get(name.lower(), "")
+
+    def content_length(self) -> int | None:
+        """The ``Content-Length`` as an int; None when absent or not plain ASCII
+        decimal (``str.isdigit`` alone accepts ``"²"``, which ``int`` rejects)."""
+        value = self.header("content-length")
+        if not value or len(value) > 18 or not (value.isascii() and value.isdigit()):
+            return None
+        return int(value)
 
 
 def new_key() -> str:
@@ -127,7 +138,7 @@ def parse_response_head(head: bytes) -> UpgradeResponse:
     if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
         raise CommandStartError(f"API server sent a malformed status line: {status_line[:80]!r}")
     code = parts[1]
-    if len(code) != 3 or not code.isdigit():
+    if len(code) != 3 or not (code.isascii() and code.isdigit()):
         raise CommandStartError(f"API server sent a malformed status code: {code[:20]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -148,10 +159,10 @@ def error_message(response: UpgradeResponse, body: bytes) -> str:
     if body:
         try:
             decoded = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
             decoded = None
         if isinstance(decoded, dict) and decoded.get("message"):
-            text = str(decoded["message"])
+            text = str(decoded["message"])[:MAX_MESSAGE]
         else:
             text = body[:512].decode("utf-8", errors="replace").strip()
     if not text:
