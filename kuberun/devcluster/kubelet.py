@@ -214,6 +214,8 @@ class PodWorker:
             self._unschedulable(pod)
             return
         await asyncio.sleep(0)
+        if self._stop.is_set():
+            return  # deleted before it was scheduled
         self.scheduled = True
         self.publish()
         self.kubelet.events.record(

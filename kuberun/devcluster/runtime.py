@@ -62,6 +62,18 @@ class FdReader:
                     return b""
                 raise
 
+    async def readv(self, buffers: list[memoryview]) -> int:
+        """Scatter-read into ``buffers``; 0 at EOF."""
+        while True:
+            try:
+                return os.readv(self.fd, buffers)
+            except BlockingIOError:
+                await self._wait()
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    return 0
+                raise
+
     async def _wait(self) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
 
