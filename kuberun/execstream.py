@@ -51,6 +51,10 @@ _log = logging.getLogger(__name__)
 #: Pause the SSH side once this much stdin waits in the TLS write buffer.
 WRITE_HIGH_WATER = 256 * 1024
 
+# First size of the response head buffer: with a thousand sessions, a MAX_HEAD
+# buffer per exec open is tens of KiB of resident memory per session.
+_HEAD_START = 4096
+
 
 @dataclass(frozen=True)
 class ExecResult:
@@ -97,7 +101,8 @@ class ExecStream(asyncio.BufferedProtocol):
         self._ping_interval = ping_interval
         self._transport: asyncio.Transport | None = None
         # The response head is read into this buffer; a refusal's body reuses it as scratch.
-        self._head = bytearray(MAX_HEAD + 4)
+        # It starts small (a 101 head is a few hundred bytes) and grows up to MAX_HEAD.
+        self._head = bytearray(_HEAD_START)
         self._head_len = 0
         self._response_body: bytearray | None = None
         self._refused: Any = None
@@ -128,6 +133,11 @@ class ExecStream(asyncio.BufferedProtocol):
             return buf
         if self._response_body is not None:
             return memoryview(self._head)
+        size = len(self._head)
+        if self._head_len == size and size < MAX_HEAD + 4:
+            # Full but still without its end: a new, bigger buffer (the old one may
+            # still be exported to the transport's last read).
+            self._head = self._head + bytes(min(2 * size, MAX_HEAD + 4) - size)
         return memoryview(self._head)[self._head_len :]
 
     def buffer_updated(self, nbytes: int) -> None:
