@@ -39,10 +39,11 @@ _GENERATE_ATTEMPTS = 8
 _MUTABLE_META = ("labels", "annotations", "finalizers", "ownerReferences")
 
 
-def field_warnings(body: Obj, validation: str | None) -> list[str]:
-    """Check types; apply ``fieldValidation`` to unknown fields (returns warnings)."""
+def decode_pod(body: Any, validation: str | None) -> tuple[Obj, list[str]]:
+    """Decode a Pod body like the API server: types checked, nulls dropped, and
+    ``fieldValidation`` applied to unknown fields. Returns the body and warnings."""
     unknown: list[str] = []
-    decode_check(body, POD, "Pod", unknown)
+    decoded: Obj = decode_check(body, POD, "Pod", unknown)
     mode = (validation or "Warn").lower()
     if mode not in ("ignore", "warn", "strict"):
         raise bad_request(
@@ -50,11 +51,11 @@ def field_warnings(body: Obj, validation: str | None) -> list[str]:
             '"Ignore", "Strict", "Warn"'
         )
     if not unknown or mode == "ignore":
-        return []
+        return decoded, []
     texts = [f'unknown field "{path}"' for path in unknown]
     if mode == "strict":
         raise bad_request("strict decoding error: " + ", ".join(texts))
-    return texts
+    return decoded, texts
 
 
 class PodRegistry:
@@ -76,8 +77,8 @@ class PodRegistry:
         self, namespace: str, body: Any, *, dry_run: bool = False, validation: str | None = None
     ) -> tuple[Obj, list[str]]:
         """Create a Pod; returns the stored object and warnings."""
+        body, warnings = decode_pod(body, validation)
         check_create_body(body, namespace)
-        warnings = field_warnings(body, validation)
         meta = body.get("metadata") or {}
         name = meta.get("name") or ""
         prefix = meta.get("generateName") or ""
@@ -130,9 +131,7 @@ class PodRegistry:
     ) -> tuple[Obj, list[str]]:
         """Replace a Pod's mutable fields (metadata and the few mutable spec fields)."""
         current = self.get(namespace, name)
-        if not isinstance(body, dict):
-            raise bad_request("the body of the request was in an unknown format")
-        warnings = field_warnings(body, validation)
+        body, warnings = decode_pod(body, validation)
         meta = body.get("metadata") or {}
         if meta.get("name") and meta["name"] != name:
             raise bad_request(

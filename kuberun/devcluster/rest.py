@@ -124,7 +124,10 @@ def parse_request_info(method: str, path: str, query: Any) -> RequestInfo:
     if info.resource == "namespaces" and info.name and not namespace:
         info.namespace = info.name
     m = method.upper()
-    if watch_prefix or (m == "GET" and not info.name and parse_bool(query.get("watch"))):
+    if watch_prefix:
+        # The legacy /watch/ paths serve only GET; a named one watches that object.
+        info.verb = "watch" if m == "GET" else "unsupported"
+    elif m == "GET" and not info.name and parse_bool(query.get("watch")):
         info.verb = "watch"
     elif m == "GET":
         info.verb = "get" if info.name else "list"
@@ -533,7 +536,12 @@ class Resources:
         self, request: web.Request, info: RequestInfo, resource: str
     ) -> web.StreamResponse:
         q = request.query
-        pred = self._predicate(request, resource)
+        selected = self._predicate(request, resource)
+        name = info.name
+
+        def pred(obj: Obj) -> bool:
+            return selected(obj) and (not name or obj["metadata"].get("name") == name)
+
         namespace = info.namespace or None
         rv_text = q.get("resourceVersion") or ""
         send_initial = q.get("sendInitialEvents")
@@ -553,6 +561,7 @@ class Resources:
                     since = int(rv_text)
                 except ValueError:
                     raise bad_request(f'invalid resource version "{rv_text}"') from None
+        timeout = _int_param(q, "timeoutSeconds")  # parsed before the 200 goes out
         accept = request.headers.get("Accept", "")
         as_table = wants(accept, "Table")
         include = q.get("includeObject")
@@ -590,7 +599,6 @@ class Resources:
                     await send(go_json({"type": "BOOKMARK", "object": mark}) + b"\n")
             if drop_after is not None and sent >= drop_after:
                 await send(b"")
-            timeout = _int_param(q, "timeoutSeconds")
             budget = float(timeout) if timeout and timeout > 0 else random.uniform(1800, 3600)
             deadline = time.monotonic() + budget
             next_bookmark = time.monotonic() + self.cluster.bookmark_interval

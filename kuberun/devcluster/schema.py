@@ -49,7 +49,18 @@ META: dict[str, Node] = {
     "managedFields": ANY,
 }
 
-ENV_VAR: dict[str, Node] = {"name": STR, "value": STR, "valueFrom": ANY}
+KEY_REF: dict[str, Node] = {"name": STR, "key": STR, "optional": BOOL}
+ENV_SOURCE: dict[str, Node] = {
+    "fieldRef": {"apiVersion": STR, "fieldPath": STR},
+    "resourceFieldRef": {"containerName": STR, "resource": STR, "divisor": ANY},
+    "configMapKeyRef": KEY_REF,
+    "secretKeyRef": KEY_REF,
+    "fileKeyRef": ANY,
+}
+ENV_VAR: dict[str, Node] = {"name": STR, "value": STR, "valueFrom": ENV_SOURCE}
+NAME_REF: dict[str, Node] = {"name": STR, "optional": BOOL}
+ENV_FROM: dict[str, Node] = {"prefix": STR, "configMapRef": NAME_REF, "secretRef": NAME_REF}
+RESOURCES: dict[str, Node] = {"limits": ("map", ANY), "requests": ("map", ANY), "claims": ANY}
 
 CONTAINER: dict[str, Node] = {
     "name": STR,
@@ -58,9 +69,9 @@ CONTAINER: dict[str, Node] = {
     "args": [STR],
     "workingDir": STR,
     "ports": ANY,
-    "envFrom": ANY,
+    "envFrom": [ENV_FROM],
     "env": [ENV_VAR],
-    "resources": ANY,
+    "resources": RESOURCES,
     "resizePolicy": ANY,
     "restartPolicy": STR,
     "restartPolicyRules": ANY,
@@ -159,17 +170,18 @@ def _go_type(node: Node) -> str:
     return "struct"
 
 
-def decode_check(obj: Any, schema: dict[str, Node], kind: str, unknown: list[str]) -> None:
-    """Raise 400 on a type mismatch; append unknown field paths to ``unknown``.
+def decode_check(obj: Any, schema: dict[str, Node], kind: str, unknown: list[str]) -> Any:
+    """Decode like Go: 400 on a type mismatch; unknown field paths go to ``unknown``.
 
-    JSON ``null`` is accepted anywhere (Go decodes it to the zero value).
+    Returns a normalised copy in which JSON ``null`` became what Go would decode it
+    to: an absent field inside objects, the zero value inside lists and maps.
     """
     if not isinstance(obj, dict):
         raise bad_request(
             f'{kind} in version "v1" cannot be handled as a {kind}: json: cannot unmarshal '
             f"{_json_type(obj)} into Go value of type struct"
         )
-    _walk(obj, schema, "", kind, unknown)
+    return _walk(obj, schema, "", kind, unknown)
 
 
 def _mismatch(kind: str, path: str, value: Any, node: Node) -> Exception:
@@ -179,31 +191,44 @@ def _mismatch(kind: str, path: str, value: Any, node: Node) -> Exception:
     )
 
 
-def _walk(value: Any, node: Node, path: str, kind: str, unknown: list[str]) -> None:
-    if value is None or node == ANY:
-        return
+def _zero(node: Node) -> Any:
+    if isinstance(node, (dict, tuple)):
+        return {}
+    if isinstance(node, list):
+        return []
+    return {STR: "", INT: 0, BOOL: False}.get(node) if isinstance(node, str) else None
+
+
+def _walk(value: Any, node: Node, path: str, kind: str, unknown: list[str]) -> Any:
+    if node == ANY:
+        return value
     if isinstance(node, dict):
         if not isinstance(value, dict):
             raise _mismatch(kind, path, value, node)
+        out: dict[str, Any] = {}
         for key, sub in value.items():
             child = f"{path}.{key}" if path else key
-            if key in node:
-                _walk(sub, node[key], child, kind, unknown)
-            else:
+            if key not in node:
                 unknown.append(child)
-        return
+            elif sub is not None:
+                out[key] = _walk(sub, node[key], child, kind, unknown)
+        return out
     if isinstance(node, list):
         if not isinstance(value, list):
             raise _mismatch(kind, path, value, node)
-        for i, item in enumerate(value):
-            _walk(item, node[0], f"{path}[{i}]", kind, unknown)
-        return
+        return [
+            _zero(node[0]) if item is None else _walk(item, node[0], f"{path}[{i}]", kind, unknown)
+            for i, item in enumerate(value)
+        ]
     if isinstance(node, tuple):
         if not isinstance(value, dict):
             raise _mismatch(kind, path, value, node)
-        for key, item in value.items():
-            _walk(item, node[1], f"{path}.{key}", kind, unknown)
-        return
+        return {
+            key: _zero(node[1])
+            if item is None
+            else _walk(item, node[1], f"{path}.{key}", kind, unknown)
+            for key, item in value.items()
+        }
     ok = {
         STR: isinstance(value, str),
         INT: isinstance(value, int) and not isinstance(value, bool),
@@ -211,3 +236,4 @@ def _walk(value: Any, node: Node, path: str, kind: str, unknown: list[str]) -> N
     }.get(node, True)
     if not ok:
         raise _mismatch(kind, path, value, node)
+    return value
