@@ -354,3 +354,31 @@ async def test_slow_reader_keeps_memory_bounded(web: Api, cluster: DevCluster) -
     for _ in range(10):
         await ws.frame()
     await ws.close()
+
+
+async def test_junk_messages_are_ignored(web: Api, cluster: DevCluster) -> None:
+    ws = await RawWebSocket.connect(
+        cluster, EXEC, exec_params(["cat"], stdin=True, stdout=True, tty=False), [V5]
+    )
+    await ws.frame()
+    for junk in (b"", b"\x07data", b"\x01to-stdout?", b"\x04not json", b"\x04{}", b"\xff\x01"):
+        ws.send(junk)
+    ws.send(b"\x00still alive\n")
+    opcode, payload, _ = await ws.frame()
+    assert (opcode, payload) == (0x2, b"\x01still alive\n")
+    ws.send(b"\xff\x00")
+    messages, _ = await ws.messages_until_close()
+    assert messages[-1][1] == b'\x03{"metadata":{},"status":"Success"}'
+    await ws.close()
+
+
+async def test_v4_ignores_close_signal(web: Api, cluster: DevCluster) -> None:
+    ws = await RawWebSocket.connect(
+        cluster, EXEC, exec_params(["cat"], stdin=True, stdout=True), [V4]
+    )
+    await ws.frame()
+    ws.send(b"\xff\x00")  # "channel 255" on v4: dropped, stdin stays open
+    ws.send(b"\x00after\n")
+    _opcode, payload, _ = await ws.frame()
+    assert payload == b"\x01after\n"
+    await ws.close()

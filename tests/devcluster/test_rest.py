@@ -290,3 +290,72 @@ async def test_other_resources(api: Api) -> None:
     )
     assert table["kind"] == "Table"
     assert table["rows"][0]["cells"][:3] == ["e1", "1/1", "Running"]
+
+
+JUNK_BODIES = [
+    None,
+    1,
+    "x",
+    [],
+    {"metadata": None, "spec": None},
+    {"metadata": "x"},
+    {"metadata": {"name": 5}},
+    {"metadata": {"name": "j1"}, "spec": {"containers": "x"}},
+    {"metadata": {"name": "j2"}, "spec": {"containers": [1, None]}},
+    {"metadata": {"name": "j3", "labels": {"k": 1}}, "spec": {"containers": []}},
+    {
+        "metadata": {"name": "j4"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "i",
+                    "resources": "lots",
+                    "env": [{"name": "X", "valueFrom": {"fieldRef": "metadata.name"}}],
+                }
+            ]
+        },
+    },
+    {"metadata": {"name": "j5"}, "spec": {"containers": [{"name": "c", "image": "i"}]}},
+]
+
+
+async def test_junk_never_breaks_the_server(api: Api, cluster: DevCluster) -> None:
+    for body in JUNK_BODIES:
+        status, _, _ = await api.request(
+            "POST",
+            PODS,
+            raw=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert 400 <= status < 500 or status == 201, (body, status)
+    patches = [
+        ("application/json-patch+json", [{"op": "replace", "path": "", "value": 3}]),
+        ("application/json-patch+json", [{"op": "remove", "path": "/no/such"}]),
+        ("application/json-patch+json", {"op": "add"}),
+        ("application/merge-patch+json", ["not", "an", "object"]),
+        ("application/strategic-merge-patch+json", {"metadata": {"labels": {"x": None}}}),
+        ("application/apply-patch+yaml", {"metadata": {}}),
+    ]
+    for ctype, body in patches:
+        status, _, _ = await api.request(
+            "PATCH", PODS + "/j5", raw=json.dumps(body).encode(), headers={"Content-Type": ctype}
+        )
+        assert status < 500, (ctype, body, status)
+    for query in ("?watch=1&timeoutSeconds=x", "?limit=x", "?continue=@@", "?labelSelector=!!"):
+        status, _, _ = await api.request("GET", PODS + query)
+        assert status == 400, query
+    assert (await api.request("PUT", "/api/v1/watch/namespaces/default/pods/j5", {}))[0] == 405
+    assert (await api.request("GET", PODS + "/j5"))[0] == 200
+
+
+async def test_named_legacy_watch(api: Api) -> None:
+    await api.create_pod(pod("named"))
+    await api.create_pod(pod("other"))
+    async with api.session.get(
+        api.cluster.url + "/api/v1/watch/namespaces/default/pods/named?timeoutSeconds=1",
+        headers={"Authorization": f"Bearer {api.cluster.token}"},
+        ssl=api.ssl,
+    ) as resp:
+        names = {json.loads(line)["object"]["metadata"]["name"] async for line in resp.content}
+    assert names == {"named"}
