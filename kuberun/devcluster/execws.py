@@ -533,20 +533,20 @@ class ExecSession:
             if transport is None or transport.is_closing() or self.ws.closed:
                 raise ConnectionResetError("exec client went away")
             self.sent += n
-            frames = []
-            base = 0
-            while n > 0:
-                take = min(n, BULK_DATA)
-                size = take + 1
-                if size < 126:
-                    _HEAD7.pack_into(buf, base + 2, 0x82, size, channel)
-                    frames.append(view[base + 2 : base + 5 + take])
-                else:
-                    _HEAD16.pack_into(buf, base, 0x82, 126, size, channel)
-                    frames.append(view[base : base + 5 + take])
-                n -= take
-                base += SLOT
-            transport.writelines(frames)
+            # Full slots are back-to-back messages; a short last one follows them
+            # directly when it needs the 16-bit length form, so one write usually does.
+            full, rest = divmod(n, BULK_DATA)
+            for i in range(full):
+                _HEAD16.pack_into(buf, i * SLOT, 0x82, 126, SLOT - 4, channel)
+            end = full * SLOT
+            if rest + 1 >= 126:
+                _HEAD16.pack_into(buf, end, 0x82, 126, rest + 1, channel)
+                transport.write(view[: end + 5 + rest])
+            elif rest:
+                _HEAD7.pack_into(buf, end + 2, 0x82, rest + 1, channel)
+                transport.writelines([view[:end], view[end + 2 : end + 5 + rest]])
+            else:
+                transport.write(view[:end])
             if protocol.writing_paused:
                 # Wait until the socket drains: a slow reader slows the process down
                 # instead of growing our buffers.
