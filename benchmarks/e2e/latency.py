@@ -79,6 +79,8 @@ async def _session(port: int, key: str) -> tuple[Any, Any, _Echo]:
         encoding=None,
     )
     await session.until(b"READY")
+    await asyncio.sleep(0.2)
+    session.buf.clear()  # the newline after the marker
     return conn, chan, session
 
 
@@ -103,7 +105,7 @@ async def _measure(targets: dict[str, int], key: str, round_trips: int) -> dict[
                         raise RuntimeError(f"{name}: echoed {got!r}")
             done += n
     finally:
-        for conn, _chan, _session in sessions.values():
+        for conn, _chan, _echo in sessions.values():
             conn.close()
             await conn.wait_closed()
     return samples
