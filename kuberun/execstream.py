@@ -116,6 +116,10 @@ class ExecStream(asyncio.BufferedProtocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._rx_seen = True
         self._stdin_closed = False
+        # stdin frames written after the first in one event-loop iteration wait
+        # here and go out together: one TLS write and one send() instead of one
+        # per SSH packet.
+        self._stdin_pending: list[bytes] | None = None
         self._output_paused = False
         self.protocol = ""
 
@@ -289,8 +293,18 @@ class ExecStream(asyncio.BufferedProtocol):
     # -- helpers ----------------------------------------------------------
 
     def _send(self, frame: bytes) -> None:
+        if self._stdin_pending:
+            self._flush_stdin()  # stdin written earlier goes first
+            self._stdin_pending = []
         if frame and self._transport is not None and not self._transport.is_closing():
             self._transport.write(frame)
+
+    def _flush_stdin(self) -> None:
+        pending = self._stdin_pending
+        self._stdin_pending = None
+        transport = self._transport
+        if pending and transport is not None and not transport.is_closing():
+            transport.writelines(pending)
 
     def _fail(self, exc: KuberunError) -> None:
         self._finish(ExecResult(None, exc))
@@ -353,10 +367,23 @@ class ExecStream(asyncio.BufferedProtocol):
         return self._finished
 
     def write_stdin(self, data: bytes) -> None:
-        """Send SSH stdin to the process (one transport write, however large)."""
+        """Send SSH stdin to the process.
+
+        The first write of an event-loop iteration goes out at once (a keystroke
+        waits for nothing); later ones in the same iteration (asyncssh delivers
+        a read's packets one by one) are sent together when it ends.
+        """
         transport = self._transport
-        if transport is not None and not self._stdin_closed and not self._finished:
-            transport.write(self._encoder.stdin(data))
+        if transport is None or self._stdin_closed or self._finished:
+            return
+        frames = self._encoder.stdin(data)
+        pending = self._stdin_pending
+        if pending is not None:
+            pending.append(frames)
+            return
+        self._stdin_pending = []
+        asyncio.get_running_loop().call_soon(self._flush_stdin)
+        transport.write(frames)
 
     def close_stdin(self) -> bool:
         """Deliver stdin EOF. Returns False on a v4 server, where it cannot be delivered."""
