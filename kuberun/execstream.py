@@ -116,9 +116,9 @@ class ExecStream(asyncio.BufferedProtocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._rx_seen = True
         self._stdin_closed = False
-        # stdin frames written after the first in one event-loop iteration wait
-        # here and go out together: one TLS write and one send() instead of one
-        # per SSH packet.
+        # stdin written after the first write of an event-loop iteration waits
+        # here and goes out together: fewer, larger frames, one TLS write and one
+        # send() instead of one per SSH packet.
         self._stdin_pending: list[bytes] | None = None
         self._output_paused = False
         self.protocol = ""
@@ -304,7 +304,8 @@ class ExecStream(asyncio.BufferedProtocol):
         self._stdin_pending = None
         transport = self._transport
         if pending and transport is not None and not transport.is_closing():
-            transport.writelines(pending)
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            transport.write(self._encoder.stdin(data))
 
     def _fail(self, exc: KuberunError) -> None:
         self._finish(ExecResult(None, exc))
@@ -376,14 +377,13 @@ class ExecStream(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or self._stdin_closed or self._finished:
             return
-        frames = self._encoder.stdin(data)
         pending = self._stdin_pending
         if pending is not None:
-            pending.append(frames)
+            pending.append(data)
             return
         self._stdin_pending = []
         asyncio.get_running_loop().call_soon(self._flush_stdin)
-        transport.write(frames)
+        transport.write(self._encoder.stdin(data))
 
     def close_stdin(self) -> bool:
         """Deliver stdin EOF. Returns False on a v4 server, where it cannot be delivered."""
