@@ -39,6 +39,14 @@ def summarize_throughput(samples: list[dict[str, Any]]) -> dict[str, dict[str, d
             row.setdefault("cpu", []).append(cpu)
             row.setdefault("cluster_cpu", []).append(s["cluster_cpu"] * per_gib)
             row.setdefault("client_cpu", []).append(s["client_cpu"] * per_gib)
+            parts = [
+                s["server_cpu"] * per_gib,
+                s["cluster_cpu"] * per_gib,
+                s["client_cpu"] * per_gib,
+            ]
+            row.setdefault("total_cpu", []).append(sum(parts))
+            # Two cores, and no process can use more than one of them.
+            row.setdefault("ceiling", []).append(GIB / max(sum(parts) / 2, *parts) / 1e6)
             if direct is not None:
                 d_mb_s = direct["size"] / direct["seconds"] / 1e6
                 d_cpu = direct["server_cpu"] * GIB / direct["size"]
@@ -70,8 +78,9 @@ def _throughput_tables(summary: dict[str, dict[str, dict[str, float]]]) -> list[
             f"### {title} (`{'head -c N /dev/zero' if direction == 'down' else 'cat >/dev/null'}`)",
             "",
             "| server | MB/s | ratio to direct | server CPU s/GiB | CPU x direct "
-            "| overhead s/GiB | devcluster CPU s/GiB | ssh client CPU s/GiB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| overhead s/GiB | devcluster CPU s/GiB | ssh client CPU s/GiB "
+            "| all three s/GiB | CPU ceiling MB/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name in order:
             row = targets.get(name)
@@ -85,7 +94,8 @@ def _throughput_tables(summary: dict[str, dict[str, dict[str, float]]]) -> list[
                 f"| {'1' if direct else _fmt(row.get('cpu_ratio', float('nan')))} "
                 f"| {'' if direct else _fmt(row.get('overhead', float('nan')))} "
                 f"| {'' if direct else _fmt(row['cluster_cpu'])} "
-                f"| {_fmt(row['client_cpu'])} |"
+                f"| {_fmt(row['client_cpu'])} | {_fmt(row['total_cpu'])} "
+                f"| {_fmt(row['ceiling'], '.0f')} |"
             )
         lines.append("")
     return lines
@@ -246,6 +256,14 @@ def render(data: dict[str, Any]) -> str:
         lines += [
             f"Throughput: {size / GIB:g} GiB per transfer, OpenSSH client, aes128-gcm, "
             f"medians of {rounds} rounds (ratios are per round, then the median).",
+            "",
+        ]
+        lines += [
+            "CPU is user+system time from /proc/PID/stat of each process alone, per GiB moved. "
+            "Overhead = server CPU minus the direct server's in the same round. "
+            "The CPU ceiling is the fastest these CPU costs allow on two cores: the server, "
+            "devcluster and the ssh client together get at most 2 CPU-seconds per second and "
+            "each at most 1 (head/cat not counted).",
             "",
         ]
         lines += _throughput_tables(summary)

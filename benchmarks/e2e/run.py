@@ -150,11 +150,17 @@ class Bench:
         self.masters.append(master)
         return master
 
-    def close(self) -> None:
+    def stop_servers(self) -> None:
+        """Stop every SSH master and server (their Pods are deleted), keep devcluster."""
         for master in self.masters:
             master.stop()
+        self.masters.clear()
         for service in self.services:
             service.stop()
+        self.services.clear()
+
+    def close(self) -> None:
+        self.stop_servers()
         if self.cluster is not None:
             self.cluster.stop()
 
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             if "latency" in phases:
                 data["latency"] = latency.run(bench, args)
             if "scale" in phases:
+                bench.stop_servers()  # scale starts its own, with no other Pods around
                 data["scale"] = scale.run(bench, args)
         finally:
             bench.close()
