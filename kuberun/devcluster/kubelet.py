@@ -138,7 +138,7 @@ class PodWorker:
             unready = [c.name for c in self.containers if not c.ready]
             ready: tuple[str, str | None, str | None]
             if done:
-                ready = ("False", "PodCompleted", None)
+                ready = ("False", "PodCompleted" if phase == "Succeeded" else "PodFailed", None)
             elif unready:
                 ready = (
                     "False",

@@ -65,6 +65,8 @@ async def test_restart_policies(api: Api) -> None:
     failed = await api.wait_pod("bad", lambda p: p["status"]["phase"] == "Failed")
     term = _state(failed)["state"]["terminated"]
     assert (term["exitCode"], term["reason"]) == (2, "Error")
+    conds = {c["type"]: c for c in failed["status"]["conditions"]}
+    assert conds["Ready"]["reason"] == "PodFailed"
     looping = await api.wait_pod("again", lambda p: _state(p).get("restartCount", 0) >= 1)
     assert looping["status"]["phase"] == "Running"
     assert _state(looping)["lastState"]["terminated"]["exitCode"] == 1
