@@ -17,13 +17,17 @@ from kuberun.errors import KuberunError
 __all__ = [
     "ApiError",
     "DevClusterError",
+    "already_exists",
     "bad_request",
     "conflict",
     "go_json",
     "internal_error",
     "invalid",
+    "method_not_allowed",
     "not_found",
     "status_body",
+    "too_many_requests",
+    "unauthorized",
 ]
 
 # Go's encoding/json escapes these even inside strings; byte-exact statuses need the same.

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .apierrors import ApiError, bad_request, status_body
+from .apierrors import ApiError, bad_request
 
 __all__ = [
     "HOSTILE_EXEC_MODES",
@@ -540,10 +540,3 @@ class RequestLog(list[RequestRecord]):
     def tally(self, **criteria: Any) -> collections.Counter[str]:
         """Counts per verb among the records matching ``criteria``."""
         return collections.Counter(r.verb for r in self.where(**criteria))
-
-
-def failure_body(code: int, message: str) -> bytes:
-    """A Status body for ad-hoc errors (used by the admin endpoint)."""
-    from .apierrors import go_json
-
-    return go_json(status_body(code, _REASONS.get(code, ""), message)) + b"\n"

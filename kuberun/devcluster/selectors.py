@@ -9,9 +9,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .apierrors import ApiError, bad_request
+from .apierrors import bad_request
 
-__all__ = ["FieldSelector", "LabelSelector", "parse_bool"]
+__all__ = ["FieldSelector", "LabelSelector", "field_getter", "parse_bool"]
 
 Obj = dict[str, Any]
 
@@ -170,8 +170,3 @@ def field_getter(*path: str) -> Callable[[Obj], str]:
         return str(cur)
 
     return get
-
-
-def check_error(exc: Exception) -> ApiError:
-    """Wrap an unexpected selector failure as 400."""
-    return bad_request(str(exc))
