@@ -55,6 +55,7 @@ SLOT = 2 * 16384
 BULK_DATA = SLOT - 5
 SLOTS = 8
 READ_SIZE = 256 * 1024
+TTY_SIZE_WAIT = 0.1  # seconds a tty exec waits for the client's first resize
 _HEAD7 = struct.Struct("!BBB")
 _HEAD16 = struct.Struct("!BBHB")
 MAX_MESSAGE = 32 << 20  # x/net/websocket's DefaultMaxPayloadBytes
@@ -374,40 +375,47 @@ class ExecSession:
         await self.finish()
 
     # ---- the session ----------------------------------------------------------------
-    def _spawn(self, ctr: Container) -> Proc:
-        env = dict(ctr.env)
+    def _open_streams(self) -> tuple[int, int, int, list[int]]:
+        """Pipes or a pty for the process: (stdin, stdout, stderr, fds to close after fork)."""
         stdin: int = subprocess.DEVNULL
         stdout: int = subprocess.DEVNULL
         stderr: int = subprocess.DEVNULL
         child_fds: list[int] = []
         if self.tty:
-            if "TERM" not in env:
-                env["TERM"] = "xterm"
             master, slave = pty.openpty()
             self.master = master
             self.fds.append(master)
             child_fds.append(slave)
-            stdin = stdout = stderr = slave
-        else:
             if self.opts.stdin:
-                r, w = make_pipe()
-                stdin = r
-                child_fds.append(r)
-                self.fds.append(w)
-                self.stdin = FdWriter(w)
+                self.stdin = FdWriter(master)
                 self.stdin_open = True
-            if self.opts.stdout:
-                r, w = make_pipe()
-                stdout = w
-                child_fds.append(w)
-                self.fds.append(r)
-                self.stdout_fd = r
-            if self.opts.stderr:
-                r, w = make_pipe()
-                stderr = w
-                child_fds.append(w)
-                self.fds.append(r)
-                self.stderr_fd = r
+            return slave, slave, slave, child_fds
+        if self.opts.stdin:
+            r, w = make_pipe()
+            stdin = r
+            child_fds.append(r)
+            self.fds.append(w)
+            self.stdin = FdWriter(w)
+            self.stdin_open = True
+        if self.opts.stdout:
+            r, w = make_pipe()
+            stdout = w
+            child_fds.append(w)
+            self.fds.append(r)
+            self.stdout_fd = r
+        if self.opts.stderr:
+            r, w = make_pipe()
+            stderr = w
+            child_fds.append(w)
+            self.fds.append(r)
+            self.stderr_fd = r
+        return stdin, stdout, stderr, child_fds
+
+    def _spawn(self, ctr: Container, streams: tuple[int, int, int, list[int]]) -> Proc:
+        stdin, stdout, stderr, child_fds = streams
+        env = dict(ctr.env)
+        if self.tty and "TERM" not in env:
+            env["TERM"] = "xterm"
         try:
             return self.runtime.spawn(
                 self.opts.command,
@@ -422,6 +430,34 @@ class ExecSession:
             for fd in child_fds:
                 os.close(fd)
 
+    async def _early_messages(self) -> list[Any] | None:
+        """With a tty, what the client sends before its first resize (bounded wait).
+
+        On a node, exec setup takes longer than a client needs to send its terminal
+        size, so programs start with the right size; devcluster starts processes in
+        a millisecond, so it waits for that first resize (at most TTY_SIZE_WAIT).
+        None when the client went away meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TTY_SIZE_WAIT
+        early: list[Any] = []
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                msg = await self.ws.receive(timeout=remaining)
+            except asyncio.TimeoutError:
+                break
+            if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                return None
+            early.append(msg)
+            if self._channel_of(msg.data) == RESIZE:
+                break
+        return early
+
+    def _channel_of(self, data: bytes) -> int | None:
+        if not data:
+            return None
+        return data[0] - 0x30 if self.base64 else data[0]
+
     async def run(self, ctr: Container) -> None:
         try:
             await self._send_frame(self.initial_channel(), b"")
@@ -435,19 +471,31 @@ class ExecSession:
                 transport.write(self.hostile)
                 transport.close()
             return
+        early: list[Any] = []
+        if self.tty:
+            waited = await self._early_messages()
+            if waited is None:
+                await self.finish()
+                return
+            early = waited
+        streams = self._open_streams()
+        # Sizes first (the process must start with them); input once it runs.
+        for msg in early:
+            if self._channel_of(msg.data) == RESIZE:
+                await self._handle(msg)
         try:
-            proc = self._spawn(ctr)
+            proc = self._spawn(ctr, streams)
         except OSError as exc:
             self._close_fds()
             await self._start_failed(ctr, exc)
             return
         ctr.execs.add(proc)
         proc.exited.add_done_callback(lambda _f: ctr.execs.discard(proc))
+        for msg in early:
+            if self._channel_of(msg.data) != RESIZE and not await self._handle(msg):
+                break
         if self.tty:
             assert self.master is not None
-            if self.opts.stdin:
-                self.stdin = FdWriter(self.master)
-                self.stdin_open = True
             outputs = [self._pump(FdReader(self.master), STDOUT if self.opts.stdout else None)]
         else:
             outputs = []
@@ -553,36 +601,41 @@ class ExecSession:
                 await protocol._drain_helper()
 
     async def _input(self) -> None:
-        ws = self.ws
         while True:
-            msg = await ws.receive()
+            msg = await self.ws.receive()
             if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
                 return  # CLOSE (aiohttp already answered 1000), CLOSED, ERROR
-            data: bytes = msg.data
-            if not data:
-                continue
-            if self.v5 and data[0] == CLOSE and msg.type == WSMsgType.BINARY:
-                if len(data) != 2 or data[1] >= 5:
-                    await self.finish()
-                    return
-                if data[1] == STDIN:
-                    self._close_stdin()
-                elif data[1] == RESIZE:
-                    self.resize_ok = False
-                continue
-            if self.base64:
-                channel = data[0] - 0x30
-                try:
-                    payload = base64.b64decode(data[1:], validate=True)
-                except (binascii.Error, ValueError):
-                    continue
-            else:
-                channel = data[0]
-                payload = data[1:]
-            if channel == STDIN:
-                await self._write_stdin(payload)
-            elif channel == RESIZE:
-                self._resize(payload)
+            if not await self._handle(msg):
+                return
+
+    async def _handle(self, msg: Any) -> bool:
+        """Act on one client message; False once the connection must end."""
+        data: bytes = msg.data
+        if not data:
+            return True
+        if self.v5 and data[0] == CLOSE and msg.type == WSMsgType.BINARY:
+            if len(data) != 2 or data[1] >= 5:
+                await self.finish()
+                return False
+            if data[1] == STDIN:
+                self._close_stdin()
+            elif data[1] == RESIZE:
+                self.resize_ok = False
+            return True
+        if self.base64:
+            channel = data[0] - 0x30
+            try:
+                payload = base64.b64decode(data[1:], validate=True)
+            except (binascii.Error, ValueError):
+                return True
+        else:
+            channel = data[0]
+            payload = data[1:]
+        if channel == STDIN:
+            await self._write_stdin(payload)
+        elif channel == RESIZE:
+            self._resize(payload)
+        return True
 
     async def _write_stdin(self, payload: bytes) -> None:
         if not self.stdin_open or self.stdin is None or not payload:

@@ -382,3 +382,16 @@ async def test_v4_ignores_close_signal(web: Api, cluster: DevCluster) -> None:
     _opcode, payload, _ = await ws.frame()
     assert payload == b"\x01after\n"
     await ws.close()
+
+
+async def test_tty_process_starts_with_the_first_size(web: Api, cluster: DevCluster) -> None:
+    """A client sends its size right after the upgrade; the program sees it at once."""
+    ws = await RawWebSocket.connect(
+        cluster, EXEC, exec_params(["stty", "size"], stdout=True, tty=True), [V5]
+    )
+    await ws.frame()
+    ws.send(b'\x04{"Width":101,"Height":33}\n')
+    messages, _ = await ws.messages_until_close()
+    text = b"".join(p[1:] for _, p in messages if p[:1] == b"\x01")
+    assert text == b"33 101\r\n"
+    await ws.close()
