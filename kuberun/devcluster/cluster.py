@@ -110,6 +110,8 @@ class DevCluster:
             await site.start()
         except BaseException:
             await runner.cleanup()
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self._runner = runner
         self.port = int(runner.addresses[0][1])
