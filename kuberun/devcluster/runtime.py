@@ -10,12 +10,14 @@ a process of the user running devcluster.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import errno
 import fcntl
 import os
 import signal
 import subprocess
 import termios
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
@@ -192,12 +194,26 @@ def _set_controlling_tty() -> None:  # pragma: no cover - runs in the child
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+_RUNTIMES: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """Last resort when the interpreter exits without stopping its clusters
+    (an interrupted test run): their processes live in their own sessions and
+    would outlive us."""
+    for runtime in list(_RUNTIMES):
+        for proc in runtime.processes:
+            proc.signal_group(signal.SIGKILL)
+
+
 class Runtime:
     """Starts processes and remembers them until they are reaped."""
 
     def __init__(self) -> None:
         self._procs: set[Proc] = set()
         self.started = 0
+        _RUNTIMES.add(self)
 
     def spawn(
         self,
