@@ -3,14 +3,22 @@
 Each target gets one asyncssh client connection with a pty session running
 ``stty raw -echo; exec cat`` (so ``cat`` itself echoes every byte at once).
 Round trips are taken in blocks, alternating between the targets, so a burst
-of load from elsewhere on the machine hits them alike.
+of load from elsewhere on the machine hits them alike. Two more endpoints split
+the gateway's figure: a bare kuberun exec stream into one of the gateways' Pods
+(the API-server hop without SSH) and a local pty with ``cat`` (no network).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import pty
 import statistics
+import subprocess
 import time
+import tty
+import types
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -84,9 +92,100 @@ async def _session(port: int, key: str) -> tuple[Any, Any, _Echo]:
     return conn, chan, session
 
 
-async def _measure(targets: dict[str, int], key: str, round_trips: int) -> dict[str, list[float]]:
+class _ExecEcho(_Echo):
+    """The same echo over a bare kuberun exec stream (an ExecListener), no SSH."""
+
+    def exec_stdout(self, data: memoryview) -> None:
+        self.data_received(bytes(data), None)
+
+    exec_stderr = exec_stdout
+
+    def exec_pause_input(self) -> None:
+        pass
+
+    def exec_resume_input(self) -> None:
+        pass
+
+    def exec_finished(self, result: Any) -> None:
+        pass
+
+
+async def _exec_endpoint(kubeconfig: str, pod: str) -> tuple[Any, Any, _Echo]:
+    """``stty raw -echo; exec cat`` in ``pod`` through kuberun's ExecStream (Cython relay)."""
+    from kuberun import _relay, execstream
+    from kuberun.config import KubernetesConfig, make_api_client
+
+    execstream.relay = _relay  # type: ignore[assignment]
+    api = await make_api_client(KubernetesConfig(kubeconfig=kubeconfig, context="devcluster"))
+    echo = _ExecEcho()
+    stream = await execstream.ExecConnector(api.configuration).open(
+        "default",
+        pod,
+        "shell",
+        ["/bin/sh", "-c", "stty raw -echo; echo READY; exec cat"],
+        echo,
+        tty=True,
+    )
+    await echo.until(b"READY")
+    await asyncio.sleep(0.2)
+    echo.buf.clear()
+
+    class Closer:
+        def close(self) -> None:
+            stream.abort()
+
+        async def wait_closed(self) -> None:
+            await api.close()
+
+    return Closer(), types.SimpleNamespace(write=stream.write_stdin), echo
+
+
+async def _pty_endpoint() -> tuple[Any, Any, _Echo]:
+    """A local pty with ``cat`` behind it, read from the event loop: no network at all."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    proc = subprocess.Popen(
+        ["cat"], stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
+    os.close(slave)
+    os.set_blocking(master, False)
+    echo = _Echo()
+    loop = asyncio.get_running_loop()
+
+    def readable() -> None:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            data = b""
+        if data:
+            echo.data_received(data, None)
+
+    loop.add_reader(master, readable)
+
+    class Closer:
+        def close(self) -> None:
+            loop.remove_reader(master)
+            proc.kill()
+            os.close(master)
+
+        async def wait_closed(self) -> None:
+            proc.wait()
+
+    return Closer(), types.SimpleNamespace(write=lambda b: os.write(master, b)), echo
+
+
+async def _measure(
+    targets: dict[str, int],
+    key: str,
+    round_trips: int,
+    exec_pod: Callable[[], tuple[str, str] | None] = lambda: None,
+) -> dict[str, list[float]]:
     sessions = {name: await _session(port, key) for name, port in targets.items()}
-    samples: dict[str, list[float]] = {name: [] for name in targets}
+    where = exec_pod()  # asked once the sessions (and so their Pods) are up
+    if where is not None:
+        sessions["exec stream only"] = await _exec_endpoint(*where)
+        sessions["local pty only"] = await _pty_endpoint()
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
     try:
         for _conn, chan, session in sessions.values():
             for _ in range(WARMUP):
@@ -123,12 +222,19 @@ def run(bench: Any, args: Any) -> dict[str, Any]:
         if name not in services:
             services[name] = bench.gateway(relay)
         targets[relay] = services[name].port
+
+    def exec_pod() -> tuple[str, str] | None:
+        """One of the gateways' Pods, for the exec-stream-only round trips."""
+        pods = bench.cluster.pod_names()
+        return (str(bench.cluster.kubeconfig), pods[0]) if pods else None
+
     try:
         import uvloop
 
-        samples = uvloop.run(_measure(targets, str(bench.key), args.round_trips))
+        run_loop = uvloop.run
     except ImportError:  # pragma: no cover
-        samples = asyncio.run(_measure(targets, str(bench.key), args.round_trips))
+        run_loop = asyncio.run
+    samples = run_loop(_measure(targets, str(bench.key), args.round_trips, exec_pod))
     out: dict[str, Any] = {"round_trips": args.round_trips, "targets": {}}
     for name, values in samples.items():
         out["targets"][name] = {

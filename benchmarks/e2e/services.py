@@ -155,6 +155,13 @@ class DevclusterProc:
     def pod_count(self) -> int:
         return len(self._call("GET", "/api/v1/pods")["items"])
 
+    def pod_names(self) -> list[str]:
+        """Running Pods in the default namespace."""
+        items = self._call("GET", "/api/v1/namespaces/default/pods")["items"]
+        return [
+            p["metadata"]["name"] for p in items if p.get("status", {}).get("phase") == "Running"
+        ]
+
     def process_count(self) -> int:
         """Processes devcluster started that are alive (its children, and theirs)."""
         out = subprocess.run(
