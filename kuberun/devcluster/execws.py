@@ -503,7 +503,10 @@ class ExecSession:
                 outputs.append(self._pump(FdReader(self.stdout_fd), STDOUT))
             if self.opts.stderr:
                 outputs.append(self._pump(FdReader(self.stderr_fd), STDERR))
-        pumps = asyncio.ensure_future(asyncio.gather(*outputs))
+        # The pump tasks are kept: when one fails, gather() leaves the others running,
+        # and they must stop (and unregister their fds) before the fds are closed.
+        pump_tasks = [asyncio.ensure_future(output) for output in outputs]
+        pumps = asyncio.ensure_future(asyncio.gather(*pump_tasks))
         reader = asyncio.ensure_future(self._input())
         ended = asyncio.ensure_future(_both(pumps, proc.exited))
         try:
@@ -529,9 +532,9 @@ class ExecSession:
         except (ConnectionError, RuntimeError):
             pass
         finally:
-            for task in (reader, pumps, ended):
+            for task in (reader, pumps, ended, *pump_tasks):
                 task.cancel()
-            await asyncio.gather(reader, pumps, ended, return_exceptions=True)
+            await asyncio.gather(reader, pumps, ended, *pump_tasks, return_exceptions=True)
             self._close_fds()
 
     async def _start_failed(self, ctr: Container, exc: OSError) -> None:
