@@ -97,7 +97,13 @@ def _gateway_name() -> str | None:
 
 async def _janitor(runner: Any, owner: dict[str, str]) -> None:
     """Delete Pods labelled for this gateway that no live connection owns (start-up only)."""
-    from .manifests import LABEL_GATEWAY, id_label_value, managed_selector
+    from .manifests import (
+        LABEL_GATEWAY,
+        LABEL_MANAGED_BY,
+        MANAGED_BY,
+        id_label_value,
+        managed_selector,
+    )
     from .pods import PodController, PodRef
 
     name = runner.gateway.name
@@ -113,7 +119,12 @@ async def _janitor(runner: Any, owner: dict[str, str]) -> None:
         return
     for pod in pods:
         meta = pod.get("metadata") or {}
-        if (meta.get("labels") or {}).get(LABEL_GATEWAY) != id_label_value(name):
+        labels = meta.get("labels") or {}
+        # The selector already says so; a second look costs nothing and guards
+        # against an API server that ignores label selectors.
+        if labels.get(LABEL_GATEWAY) != id_label_value(name):
+            continue
+        if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or not meta.get("uid"):
             continue
         ref = PodRef(namespace, meta.get("name", ""), meta.get("uid", ""))
         _log.info("janitor: deleting leftover Pod %s", ref.name)

@@ -30,7 +30,9 @@ __all__ = [
     "LABEL_SESSION_ID",
     "LABEL_USERNAME",
     "MANAGED_BY",
+    "MAX_ANNOTATION",
     "SIGNAL_NAMES",
+    "annotation_value",
     "build_pod",
     "env_allowed",
     "exec_argv",
@@ -79,6 +81,8 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 _UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_.-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MAX_LABEL = 63
+#: Longest annotation value kuberun derives from client input.
+MAX_ANNOTATION = 1024
 
 # --------------------------------------------------------------------------
 # Labels
@@ -126,6 +130,21 @@ def id_label_value(value: str) -> str:
     base = _trim(_UNSAFE_RUN.sub("-", value))[: _MAX_LABEL - len(digest) - 1]
     base = _trim(base)
     return f"{base}-{digest}" if base else digest
+
+
+def annotation_value(value: str, limit: int = MAX_ANNOTATION) -> str:
+    """An annotation value made of what a client sent: printable characters kept,
+    others (control characters, terminal escapes) written as ``\\xNN``/``\\uNNNN``,
+    and cut to ``limit`` characters (annotations share a 256 KiB budget per object).
+    """
+    if not value.isprintable():
+        value = "".join(
+            c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+            for c in value
+        )
+    if len(value) > limit:
+        value = value[: limit - 3] + "..."
+    return value
 
 
 def _check_label_key(key: str) -> None:
@@ -190,8 +209,8 @@ def build_pod(
     ``app.kubernetes.io/managed-by: kuberun``, ``kuberun.io/connection-id``,
     ``kuberun.io/session-id`` (if ``session_id``), ``kuberun.io/gateway`` (if
     ``gateway``) and a sanitised ``kuberun.io/username`` (omitted if nothing
-    of it is usable).  The raw username and ``client_address`` go in
-    annotations, which accept any string.  The console container runs
+    of it is usable).  The username and ``client_address`` go in
+    annotations (through :func:`annotation_value`).  The console container runs
     ``pod.idle_command`` (its ``args`` are dropped) without stdin or tty.
     ``owner`` (``apiVersion``, ``kind``, ``name``, ``uid``) adds an
     ownerReference so Kubernetes collects the Pod if its owner goes away.
@@ -218,9 +237,9 @@ def build_pod(
     metadata["labels"] = labels
 
     annotations = dict(metadata.get("annotations") or {})
-    annotations[ANNOTATION_USERNAME] = username
+    annotations[ANNOTATION_USERNAME] = annotation_value(username)
     if client_address is not None:
-        annotations[ANNOTATION_CLIENT_ADDRESS] = client_address
+        annotations[ANNOTATION_CLIENT_ADDRESS] = annotation_value(client_address)
     metadata["annotations"] = annotations
 
     if owner is not None:

@@ -93,6 +93,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "kuberun_connections_refused",
+            "SSH connections closed before authentication, by reason (max_startups).",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_refused.labels(reason="max_startups")
         self.exec_failures = Counter(
             "kuberun_exec_failures",
             "Exec streams that failed to open or were lost, by reason.",

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ def _retry_after(exc: BaseException) -> float | None:
 
 
 def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError)):
+        return False  # a certificate that fails verification fails again
     status = _status_of(exc)
     if isinstance(exc, k8s.ApiException):
         return status is not None and (status == 429 or status >= 500 or status == 0)
@@ -217,6 +220,7 @@ class PodController:
         the result, it is returned instead of repeating the call.
         """
         attempt = 0
+        last: BaseException | None = None
         while True:
             attempt += 1
             if self._requests is not None:
@@ -233,8 +237,11 @@ class PodController:
                     self._failures.inc()
                 if not _is_retryable(exc) or time.monotonic() >= deadline:
                     if isinstance(exc, asyncio.TimeoutError):
-                        raise PodStartTimeout(f"{what}: timed out", "Timeout") from exc
+                        # Say why the time ran out: the last failure is the useful part.
+                        why = f" (last error: {api_error(last)})" if last is not None else ""
+                        raise PodStartTimeout(f"{what}: timed out{why}", "Timeout") from exc
                     raise api_error(exc) from exc
+                last = exc
                 delay = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)
                 hinted = _retry_after(exc)
@@ -416,9 +423,14 @@ class PodController:
         Returns True when the API server accepted the deletion or the Pod was
         already gone; False if it could not be deleted within ``timeout``.
         """
+        if not ref.uid:
+            # Without a UID precondition the name could meanwhile belong to a Pod
+            # kuberun did not create: never delete by name alone.
+            self._logger.error("not deleting Pod %s: its UID is unknown", ref.name)
+            return False
         deadline = time.monotonic() + timeout
         body = k8s.V1DeleteOptions(
-            preconditions=k8s.V1Preconditions(uid=ref.uid) if ref.uid else None,
+            preconditions=k8s.V1Preconditions(uid=ref.uid),
             propagation_policy="Background",
         )
 

@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,33 @@ from .session import KuberunSession
 __all__ = ["Gateway", "SSHServer", "server_options"]
 
 _log = logging.getLogger("kuberun")
+
+#: Seconds between two log lines about connections refused by ``ssh.max_startups``.
+_REFUSAL_LOG_INTERVAL = 10.0
+
+#: ``env`` requests accepted on one channel; later ones are refused, as OpenSSH's
+#: sshd does past 128. (asyncssh keeps every accepted one until the channel closes.)
+MAX_ENV_REQUESTS = 128
+
+
+def _limit_env_requests(chan: Any) -> None:
+    """Refuse ``env`` requests past :data:`MAX_ENV_REQUESTS` on ``chan``.
+
+    asyncssh has no hook for env requests, so this wraps its handler on the
+    channel instance; with an asyncssh that lacks it, nothing is bounded and
+    nothing breaks.
+    """
+    process = getattr(chan, "_process_env_request", None)
+    if process is None:
+        return
+    count = 0
+
+    def bounded(packet: Any) -> bool:
+        nonlocal count
+        count += 1
+        return count <= MAX_ENV_REQUESTS and bool(process(packet))
+
+    chan._process_env_request = bounded
 
 
 class ConnectionLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -95,6 +123,9 @@ class Gateway:
         self._prefix = secrets.token_hex(3)
         self._counter = itertools.count(1)
         self.closing = False
+        self._unauthenticated = 0
+        self._refused = 0
+        self._refusal_logged = -_REFUSAL_LOG_INTERVAL
 
     def next_connection_id(self) -> str:
         """A unique, label-safe connection id."""
@@ -126,6 +157,35 @@ class Gateway:
         self._servers.add(server)
         if self.metrics is not None:
             self.metrics.connections.inc()
+
+    @property
+    def unauthenticated(self) -> int:
+        """Connections that have not authenticated yet (bounded by ``ssh.max_startups``)."""
+        return self._unauthenticated
+
+    def _startup_begin(self) -> bool:
+        """Count one more unauthenticated connection; False when ``ssh.max_startups`` is reached."""
+        limit = self.config.ssh.max_startups
+        if self._unauthenticated < limit:
+            self._unauthenticated += 1
+            return True
+        self._refused += 1
+        if self.metrics is not None:
+            self.metrics.connections_refused.labels(reason="max_startups").inc()
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL:
+            # At most one line per interval: a flood must not flood the log too.
+            self._refusal_logged = now
+            self.logger.warning(
+                "refusing new connections: %d unauthenticated already (ssh.max_startups); "
+                "%d refused so far",
+                self._unauthenticated,
+                self._refused,
+            )
+        return False
+
+    def _startup_end(self) -> None:
+        self._unauthenticated -= 1
 
     def _unregister(self, server: SSHServer) -> None:
         if server in self._servers:
@@ -165,15 +225,27 @@ class SSHServer(asyncssh.SSHServer):
         self.handler: NetworkHandler | None = None
         self._conn_handler: SSHConnectionHandler | None = None
         self._start: asyncio.Task[Any] | None = None
+        self._unauthenticated = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        if not self.gateway._startup_begin():
+            # Like OpenSSH's MaxStartups: closed before the version exchange.
+            conn.abort()
+            return
+        self._unauthenticated = True
         peer = conn.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if peer else None
         self.handler = self.gateway.handler_for(self.connection_id, address)
         self.gateway._register(self)
 
+    def _startup_done(self) -> None:
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self.gateway._startup_end()
+
     def auth_completed(self) -> None:
+        self._startup_done()
         assert self.conn is not None and self.handler is not None
         if self.gateway.closing:
             self.conn.close()
@@ -198,9 +270,12 @@ class SSHServer(asyncssh.SSHServer):
             )
         assert self.conn is not None
         session: KuberunSession = handler.new_session()
-        return self.conn.create_server_channel(encoding=None), session
+        chan = self.conn.create_server_channel(encoding=None)
+        _limit_env_requests(chan)
+        return chan, session
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._startup_done()
         self.gateway._unregister(self)
         handler = self.handler
         if handler is not None:

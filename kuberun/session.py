@@ -66,6 +66,13 @@ PROGRESS_DELAY = 1.0
 
 _MAX_TERM_DIM = 65535
 
+#: Environment variables passed to one program, at most (the rest is refused and logged):
+#: they travel as exec arguments in the request URL, which API servers bound (1 MiB).
+MAX_ENV_BYTES = 64 * 1024
+
+#: Longest text (API server messages included) written to a client's stderr in one line.
+MAX_MESSAGE = 2048
+
 
 class KuberunSession(asyncssh.SSHServerSession[bytes]):
     """An SSH session channel relayed to a Kubernetes exec in the connection's Pod."""
@@ -213,15 +220,25 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         config = self._conn.config
         env: dict[str, str] = {}
         patterns = config.ssh.accept_env
+        budget = MAX_ENV_BYTES
         for name, value in chan.get_environment().items():
             if name == "TERM":
                 continue
+            shown = name if len(name) <= 64 else name[:64] + "..."
             if not valid_env_name(name) or "\x00" in value:
-                self._log.info("session %s: env %r refused (invalid)", self._id, name)
-            elif env_allowed(name, patterns):
-                env[name] = value
+                self._log.info("session %s: env %r refused (invalid)", self._id, shown)
+            elif not env_allowed(name, patterns):
+                self._log.info("session %s: env %r refused (not in accept_env)", self._id, shown)
+            elif len(name) + len(value) > budget:
+                self._log.info(
+                    "session %s: env %r refused (over %d bytes of env in all)",
+                    self._id,
+                    shown,
+                    MAX_ENV_BYTES,
+                )
             else:
-                self._log.info("session %s: env %r refused (not in accept_env)", self._id, name)
+                budget -= len(name) + len(value)
+                env[name] = value
         if self._term is not None:
             env["TERM"] = self._term
         if config.pod.signals:
@@ -261,7 +278,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             return
         end = "\r\n" if self._term is not None else "\n"
         try:
-            chan.write_stderr((text + end).encode("utf-8", errors="replace"))
+            chan.write_stderr((terminal_safe(text) + end).encode("utf-8", errors="replace"))
         except OSError:
             pass
 
@@ -439,6 +456,17 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             return
         if result.exit_status != 0:
             self._log.info("session %s: kill -s %s ended with %s", self._id, name, result)
+
+
+def terminal_safe(text: str) -> str:
+    """One line for a user's terminal: at most :data:`MAX_MESSAGE` characters, line
+    breaks and tabs as spaces, other control characters (escape sequences that an
+    API server or a Pod status could carry) as U+FFFD."""
+    if len(text) > MAX_MESSAGE:
+        text = text[: MAX_MESSAGE - 3] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else " " if c in "\t\n\r" else "\ufffd" for c in text)
 
 
 def _drop(data: memoryview) -> None:

@@ -26,6 +26,7 @@ EXPECTED = {
     "kuberun_pods_deleted": "counter",
     "kuberun_pod_start_failures": "counter",
     "kuberun_exec_failures": "counter",
+    "kuberun_connections_refused": "counter",
 }
 
 
