@@ -51,6 +51,9 @@ _log = logging.getLogger(__name__)
 #: Pause the SSH side once this much stdin waits in the TLS write buffer.
 WRITE_HIGH_WATER = 256 * 1024
 
+# Queued stdin goes out in writes of up to this much data (the encoder's frame size).
+_STDIN_GROUP = 65536
+
 # First size of the response head buffer: with a thousand sessions, a MAX_HEAD
 # buffer per exec open is tens of KiB of resident memory per session.
 _HEAD_START = 4096
@@ -303,9 +306,21 @@ class ExecStream(asyncio.BufferedProtocol):
         pending = self._stdin_pending
         self._stdin_pending = None
         transport = self._transport
-        if pending and transport is not None and not transport.is_closing():
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            transport.write(self._encoder.stdin(data))
+        if not pending or transport is None or transport.is_closing():
+            return
+        # One write per 64 KiB (one message): bigger writes mean buffers above
+        # malloc's mmap threshold, mapped and unmapped every time, and those page
+        # faults cost more than the send() calls saved.
+        group: list[bytes] = []
+        size = 0
+        for data in pending:
+            if group and size + len(data) > _STDIN_GROUP:
+                transport.write(self._encoder.stdin(b"".join(group)))
+                group.clear()
+                size = 0
+            group.append(data)
+            size += len(data)
+        transport.write(self._encoder.stdin(group[0] if len(group) == 1 else b"".join(group)))
 
     def _fail(self, exc: KuberunError) -> None:
         self._finish(ExecResult(None, exc))
