@@ -532,7 +532,8 @@ class ExecSession:
         except (ConnectionError, RuntimeError):
             pass
         finally:
-            for task in (reader, pumps, ended, *pump_tasks):
+            tasks: list[asyncio.Future[Any]] = [reader, pumps, ended, *pump_tasks]
+            for task in tasks:
                 task.cancel()
             await asyncio.gather(reader, pumps, ended, *pump_tasks, return_exceptions=True)
             self._close_fds()
