@@ -223,6 +223,31 @@ class Faults:
             verb=f"^{re.escape(verb)}$" if verb else None,
         )
 
+    def slow_response(
+        self,
+        seconds: float,
+        *,
+        method: str | None = None,
+        path: str | None = None,
+        verb: str | None = None,
+        count: int | None = 1,
+    ) -> Fault:
+        """Carry out matching requests at once, but hold their answers for ``seconds``.
+
+        Unlike :meth:`latency` the change is made whether or not the client is
+        still waiting: a client that gives up on a slow create is left not knowing
+        that its Pod exists. Watches and execs (streams) are not delayed.
+        """
+        params = {"seconds": seconds, "method": method, "path": path, "verb": verb}
+        return self._add(
+            "slow_response",
+            params,
+            count,
+            method=f"^(?i:{re.escape(method)})$" if method else None,
+            path=path,
+            verb=f"^{re.escape(verb)}$" if verb else None,
+        )
+
     # ---- node faults --------------------------------------------------------------
     def delay_pod_start(
         self,
@@ -338,6 +363,7 @@ class Faults:
         makers: dict[str, Callable[..., Fault]] = {
             "fail": self.fail,
             "latency": self.latency,
+            "slow_response": self.slow_response,
             "delay_pod_start": self.delay_pod_start,
             "fail_image_pull": self.fail_image_pull,
             "drop_exec": self.drop_exec,
@@ -362,6 +388,16 @@ class Faults:
     def request_latency(self, method: str, path: str, verb: str) -> float:
         """Seconds to wait before handling this request."""
         fault = self._first("latency", method=method, path=path, verb=verb)
+        if fault is None:
+            return 0.0
+        fault._fire()
+        return float(fault.params["seconds"])
+
+    def response_delay(self, method: str, path: str, verb: str) -> float:
+        """Seconds to hold the answer to this (already handled) request."""
+        if verb in ("watch", "exec"):
+            return 0.0
+        fault = self._first("slow_response", method=method, path=path, verb=verb)
         if fault is None:
             return 0.0
         fault._fire()

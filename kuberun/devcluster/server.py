@@ -126,6 +126,9 @@ class Frontend:
             return _status_response(failure)
         if info.resource_request:
             resp: web.StreamResponse = await self.cluster.resources.dispatch(request, info)
+            delay = faults.response_delay(request.method, request.path, info.verb)
+            if delay > 0:
+                await asyncio.sleep(delay)  # done already; only the answer is late
             return resp
         return self._non_resource(request)
 
