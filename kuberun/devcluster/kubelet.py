@@ -73,6 +73,7 @@ class PodWorker:
         self.failure: tuple[str, str] | None = None  # pod-level (reason, message)
         self.terminating = False
         self.terminated = asyncio.Event()
+        self._stopper: asyncio.Task[Any] | None = None
         self.workdir: Path | None = None
         self._kill_deadline = 0.0
         self._deadline_changed = asyncio.Event()
@@ -481,9 +482,10 @@ class PodWorker:
             if deadline < self._kill_deadline:
                 self._kill_deadline = deadline
                 self._deadline_changed.set()
-            await self.terminated.wait()
+            await self._wait_terminated()
             return
         self.terminating = True
+        self._stopper = asyncio.current_task()
         self._kill_deadline = deadline
         self._stop.set()
         if self._lifetime is not None and self._lifetime is not asyncio.current_task():
@@ -522,6 +524,19 @@ class PodWorker:
             if "terminated" not in ctr.state and ctr.container_id and "running" in ctr.state:
                 ctr.set_terminated(137)
         self.terminated.set()
+
+    async def _wait_terminated(self) -> None:
+        """Wait for the stop under way; finish it here if its task was cancelled
+        part-way (a background deletion cancelled as the cluster stops)."""
+        while not self.terminated.is_set():
+            stopper = self._stopper
+            if stopper is None or stopper.done():
+                self.terminating = False
+                await self.stop_containers(max(0.0, self._kill_deadline - time.monotonic()))
+                return
+            waiter = asyncio.ensure_future(self.terminated.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
 
     def cleanup(self) -> None:
         """Remove the Pod's scratch directory."""
