@@ -73,7 +73,25 @@ class PodStartTimeout(PodStartError, TimeoutError):
 
 
 class CommandStartError(KuberunError):
-    """The exec stream could not be opened (refused upgrade, timeout, TLS failure)."""
+    """The exec stream could not be opened (refused upgrade, timeout, TLS failure).
+
+    ``status`` is the HTTP status of a refused upgrade (None otherwise);
+    ``transient`` says whether trying again may work (429, 5xx, a dropped
+    connection), and ``retry_after`` is the server's hint in seconds, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        *,
+        transient: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status = status
+        self.transient = transient or status == 429 or (status is not None and status >= 500)
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class ExecProtocolError(KuberunError):

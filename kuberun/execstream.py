@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,10 @@ from .upgrade import (
 __all__ = ["ExecConnector", "ExecListener", "ExecResult", "ExecStream"]
 
 _log = logging.getLogger(__name__)
+
+#: Backoff between attempts to open an exec (429, 5xx, dropped connections).
+_RETRY_FIRST = 0.1
+_RETRY_MAX = 2.0
 
 #: Pause the SSH side once this much stdin waits in the TLS write buffer.
 WRITE_HIGH_WATER = 256 * 1024
@@ -171,15 +176,22 @@ class ExecStream(asyncio.BufferedProtocol):
         self._cancel_ping()
         self._transport = None
         if not self._upgraded.done():
-            if self._refused is not None:
+            refused = self._refused
+            if refused is not None:
+                hint = refused.header("retry-after")
                 self._upgraded.set_exception(
                     CommandStartError(
-                        error_message(self._refused, bytes(self._response_body or b""))
+                        error_message(refused, bytes(self._response_body or b"")),
+                        refused.status,
+                        retry_after=float(hint) if hint.isascii() and hint.isdigit() else None,
                     )
                 )
             else:
                 self._upgraded.set_exception(
-                    CommandStartError(f"API server closed the connection during the upgrade: {exc}")
+                    CommandStartError(
+                        f"API server closed the connection during the upgrade: {exc}",
+                        transient=True,
+                    )
                 )
             return
         if self._status is not None:
@@ -504,10 +516,41 @@ class ExecConnector:
         :raises CommandStartError: the upgrade was refused (the message carries
             the API server's own explanation) or did not finish in ``timeout``.
         """
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
-        key = new_key()
+        deadline = started + timeout
         target = exec_path(self._prefix, namespace, pod, container, command, stdin=stdin, tty=tty)
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                proto = await self._open_once(
+                    target, listener, deadline - time.monotonic(), timeout
+                )
+                break
+            except CommandStartError as exc:
+                # 429, 5xx and dropped connections: the exec did not start, so
+                # trying again is safe, as for every other API call.
+                wait = random.uniform(delay / 2, delay)
+                if exc.retry_after is not None:
+                    wait = max(wait, exc.retry_after)
+                if not exc.transient or time.monotonic() + wait >= deadline:
+                    raise
+                _log.debug("exec in %s/%s: %s; retrying in %.2fs", namespace, pod, exc, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, _RETRY_MAX)
+        _log.debug(
+            "exec in %s/%s opened with %s in %.1f ms",
+            namespace,
+            pod,
+            proto.protocol,
+            (time.monotonic() - started) * 1000,
+        )
+        return proto
+
+    async def _open_once(
+        self, target: str, listener: ExecListener, timeout: float, budget: float
+    ) -> ExecStream:
+        loop = asyncio.get_running_loop()
+        key = new_key()
         headers = await self._auth_headers()
         request = build_request(self._host_header, target, key, headers)
         opened: list[asyncio.Transport] = []
@@ -531,21 +574,14 @@ class ExecConnector:
             for transport in opened:
                 transport.abort()
             raise CommandStartError(
-                f"exec did not start within {timeout:.0f}s (API server {self._host}:{self._port})"
+                f"exec did not start within {budget:.0f}s (API server {self._host}:{self._port})"
             ) from None
         except ssl.SSLError as exc:
             raise CommandStartError(f"TLS failure talking to the API server: {exc}") from exc
         except OSError as exc:
-            raise CommandStartError(f"cannot reach the API server: {exc}") from exc
+            raise CommandStartError(f"cannot reach the API server: {exc}", transient=True) from exc
         except BaseException:
             for transport in opened:
                 transport.abort()
             raise
-        _log.debug(
-            "exec in %s/%s opened with %s in %.1f ms",
-            namespace,
-            pod,
-            proto.protocol,
-            (time.monotonic() - started) * 1000,
-        )
         return proto

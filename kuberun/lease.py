@@ -61,6 +61,8 @@ class PodLease:
         self._task: asyncio.Task[PodRef] | None = None
         self._ref: PodRef | None = None
         self._create_sent = False
+        # Set when a create attempt failed in a way that may still make a Pod.
+        self._uncertain = False
         self._released = False
         self._cleanup: asyncio.Task[None] | None = None
 
@@ -112,7 +114,11 @@ class PodLease:
         try:
             self._create_sent = True
             pod = await self._controller.create(
-                self._namespace, self._manifest, deadline, self._selector
+                self._namespace,
+                self._manifest,
+                deadline,
+                self._selector,
+                uncertain=self._mark_uncertain,
             )
             meta = pod.get("metadata") or {}
             self._ref = PodRef(self._namespace, str(meta.get("name")), str(meta.get("uid") or ""))
@@ -163,31 +169,63 @@ class PodLease:
         if self._track is not None:
             self._track(self._cleanup)
 
-    async def _delete(self) -> None:
-        ref = self._ref
-        if ref is None:
-            # The create call was cut short: its Pod may exist without our
-            # knowing its name. Find it by its labels.
-            ref = await self._find_orphan()
-            if ref is None:
-                return
-        deleted = await self._controller.delete(ref, self._stop_timeout)
-        if deleted:
-            self._logger.info("Pod %s deleted", ref.name)
-            if self._metrics is not None:
-                self._metrics.pods_deleted.inc()
+    def _mark_uncertain(self) -> None:
+        self._uncertain = True
 
-    async def _find_orphan(self) -> PodRef | None:
+    async def _delete(self) -> None:
         deadline = time.monotonic() + self._stop_timeout
-        try:
-            pods = await self._controller.list_pods(self._namespace, self._selector, deadline)
-        except (KubernetesAPIError, PodStartTimeout) as exc:
-            self._logger.error("cannot look for a half-created Pod: %s", exc)
-            return None
-        for pod in pods:
-            meta = pod.get("metadata") or {}
-            return PodRef(self._namespace, str(meta.get("name")), str(meta.get("uid") or ""))
-        return None
+        done: set[str] = set()
+        ref = self._ref
+        if ref is not None:
+            done.add(ref.uid)
+            if await self._controller.delete(ref, self._stop_timeout):
+                self._deleted(ref)
+        if ref is None or self._uncertain:
+            await self._sweep(deadline, done, until_deadline=self._uncertain)
+
+    async def _sweep(self, deadline: float, done: set[str], *, until_deadline: bool) -> None:
+        """Delete the Pods of this lease that kuberun does not know of.
+
+        The create may have made a Pod whose name never reached us (its answer
+        was a 5xx, or never came). A create attempt that got no answer at all may
+        even make its Pod a while later, as the API server may still be working
+        on it: then look for this lease's labels until ``deadline``
+        (``timeouts.pod_stop``), not just once.
+        """
+        interval = _SWEEP_FIRST
+        while True:
+            try:
+                pods = await self._controller.list_pods(self._namespace, self._selector, deadline)
+            except (KubernetesAPIError, PodStartTimeout) as exc:
+                self._logger.error("cannot look for Pods of a create that lost its answer: %s", exc)
+                return
+            for pod in pods:
+                meta = pod.get("metadata") or {}
+                uid = str(meta.get("uid") or "")
+                if uid in done or meta.get("deletionTimestamp"):
+                    continue
+                done.add(uid)
+                ref = PodRef(self._namespace, str(meta.get("name")), uid)
+                self._logger.info("Pod %s was made by a create that lost its answer", ref.name)
+                timeout = max(deadline - time.monotonic(), _SWEEP_MIN_DELETE)
+                if await self._controller.delete(ref, timeout):
+                    self._deleted(ref)
+            if not until_deadline or time.monotonic() + interval >= deadline:
+                return
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, _SWEEP_MAX)
+
+    def _deleted(self, ref: PodRef) -> None:
+        self._logger.info("Pod %s deleted", ref.name)
+        if self._metrics is not None:
+            self._metrics.pods_deleted.inc()
+
+
+#: Intervals between looks for Pods of a create that lost its answer.
+_SWEEP_FIRST = 0.25
+_SWEEP_MAX = 2.0
+#: Time a Pod found at the end of the sweep still gets for its deletion.
+_SWEEP_MIN_DELETE = 2.0
 
 
 def _consume(task: asyncio.Task[Any]) -> None:

@@ -56,6 +56,10 @@ FATAL_WAITING_REASONS = frozenset(
 
 ProgressCallback = Callable[[str], None]
 
+#: Shortest time one attempt of an API call may take; each gets a third of the
+#: call's budget (``timeouts.pod_start``, ``timeouts.pod_stop``) or this, if more.
+MIN_ATTEMPT_TIMEOUT = 2.0
+
 
 @dataclass(frozen=True)
 class PodRef:
@@ -220,7 +224,10 @@ class PodController:
         the result, it is returned instead of repeating the call.
         """
         attempt = 0
-        last: BaseException | None = None
+        last: KubernetesAPIError | None = None
+        # One stuck request must not use up the whole budget: a retry, on a fresh
+        # connection, often gets through where the first attempt hangs.
+        per_attempt = max(MIN_ATTEMPT_TIMEOUT, (deadline - time.monotonic()) / 3)
         while True:
             attempt += 1
             if self._requests is not None:
@@ -229,7 +236,7 @@ class PodController:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                return await asyncio.wait_for(func(), remaining)
+                return await asyncio.wait_for(func(), min(remaining, per_attempt))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -238,41 +245,64 @@ class PodController:
                 if not _is_retryable(exc) or time.monotonic() >= deadline:
                     if isinstance(exc, asyncio.TimeoutError):
                         # Say why the time ran out: the last failure is the useful part.
-                        why = f" (last error: {api_error(last)})" if last is not None else ""
+                        why = f" (last error: {last})" if last is not None else ""
                         raise PodStartTimeout(f"{what}: timed out{why}", "Timeout") from exc
                     raise api_error(exc) from exc
-                last = exc
+                if isinstance(exc, asyncio.TimeoutError):
+                    last = KubernetesAPIError(0, "Timeout", f"no answer in {per_attempt:.1f}s")
+                else:
+                    last = api_error(exc)
                 delay = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)
                 hinted = _retry_after(exc)
                 if hinted is not None:
                     delay = max(delay, hinted)
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
-                self._logger.warning(
-                    "%s failed (%s), retrying in %.2fs", what, api_error(exc), delay
-                )
+                self._logger.warning("%s failed (%s), retrying in %.2fs", what, last, delay)
                 await asyncio.sleep(delay)
                 status = _status_of(exc)
                 if ambiguous is not None and (status is None or status >= 500):
-                    found = await ambiguous()
+                    remaining = deadline - time.monotonic()
+                    try:
+                        found = await asyncio.wait_for(
+                            ambiguous(), max(0.0, min(remaining, per_attempt))
+                        )
+                    except asyncio.TimeoutError:
+                        found = None
                     if found is not None:
                         return found
 
     async def create(
-        self, namespace: str, manifest: Mapping[str, Any], deadline: float, label_selector: str
+        self,
+        namespace: str,
+        manifest: Mapping[str, Any],
+        deadline: float,
+        label_selector: str,
+        *,
+        uncertain: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Create the Pod; after an ambiguous failure, adopt a Pod the lost call created.
 
         ``label_selector`` must select exactly the Pods of this request (the
-        connection id label), which is what makes adoption safe.
+        connection id label), which is what makes adoption safe. ``uncertain``
+        is called when an attempt gets no answer (timeout, cancel, lost
+        connection): the API server may still create its Pod, even a while
+        later, and the caller must look for it.
         """
 
         async def do_create() -> dict[str, Any]:
-            return await _json(
-                self._api.create_namespaced_pod(
-                    namespace, cast(Any, manifest), _preload_content=False
+            try:
+                return await _json(
+                    self._api.create_namespaced_pod(
+                        namespace, cast(Any, manifest), _preload_content=False
+                    )
                 )
-            )
+            except (aiohttp.ClientError, OSError, asyncio.CancelledError):
+                # No answer (cut off by a timeout or a cancel, or the connection
+                # dropped): the API server may still create the Pod, even later.
+                if uncertain is not None:
+                    uncertain()
+                raise
 
         async def find_existing() -> dict[str, Any] | None:
             if self._requests is not None:

@@ -41,6 +41,10 @@ __all__ = ["Gateway", "SSHServer", "server_options"]
 
 _log = logging.getLogger("kuberun")
 
+#: Seconds a stopping gateway waits for sessions to flush their output to clients.
+_DRAIN_GRACE = 5.0
+_DRAIN_POLL = 0.02
+
 #: Seconds between two log lines about connections refused by ``ssh.max_startups``.
 _REFUSAL_LOG_INTERVAL = 10.0
 
@@ -198,10 +202,21 @@ class Gateway:
         self.closing = True
         for server in list(self._servers):
             server.shutdown(message)
-        # Let the exit messages reach the clients before the connections close.
-        await asyncio.sleep(0.1)
+        # Let the exit statuses, and the output of programs that had already ended,
+        # reach the clients before the connections close: a session closes once its
+        # output is flushed. A client that does not read gets _DRAIN_GRACE seconds.
+        for _ in range(int(_DRAIN_GRACE / _DRAIN_POLL)):
+            if not any(server.busy for server in self._servers):
+                break
+            await asyncio.sleep(_DRAIN_POLL)
         for server in list(self._servers):
-            server.close_connection()
+            server.close_connection(message)
+        # Each connection_lost, which starts that connection's Pod deletion, runs on
+        # a later turn of the loop: wait for all of them before waiting for the tasks.
+        for _ in range(int(_DRAIN_GRACE / _DRAIN_POLL)):
+            if not self._servers:
+                break
+            await asyncio.sleep(_DRAIN_POLL)
         await self.wait_tasks()
 
     async def wait_tasks(self) -> None:
@@ -289,6 +304,11 @@ class SSHServer(asyncssh.SSHServer):
         if self._conn_handler is not None:
             self._conn_handler.shutdown(message)
 
-    def close_connection(self) -> None:
+    @property
+    def busy(self) -> bool:
+        """Whether a session channel of this connection is still open."""
+        return self._conn_handler is not None and self._conn_handler.session_count > 0
+
+    def close_connection(self, message: str = "the gateway is shutting down") -> None:
         if self.conn is not None:
-            self.conn.close()
+            self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"kuberun: {message}")

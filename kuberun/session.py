@@ -386,11 +386,13 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         if self._closed or self._exited:
             return
         self._write_stderr(f"kuberun: {message}")
+        # Exit first: aborting the stream reports a lost stream, which must not
+        # replace the shutdown status.
+        self._exit(EXIT_SHUTDOWN)
         stream = self._stream
         if stream is not None and not stream.finished:
             self._terminate_program()
             stream.abort()
-        self._exit(EXIT_SHUTDOWN)
 
     def _exit(self, status: int) -> None:
         chan = self._chan

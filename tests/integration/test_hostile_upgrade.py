@@ -155,8 +155,9 @@ async def fake() -> AsyncIterator[tuple[FakeServer, ExecConnector, list[dict[str
         loop.set_exception_handler(previous)
 
 
-async def _open(connector: ExecConnector, listener: Recorder) -> Any:
-    return await connector.open("ns", "pod", "c", ["sh"], listener, timeout=10)
+async def _open(connector: ExecConnector, listener: Recorder, timeout: float = 1.0) -> Any:
+    # Refusals with 429/5xx are retried until the timeout: keep it short.
+    return await connector.open("ns", "pod", "c", ["sh"], listener, timeout=timeout)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -225,3 +226,46 @@ async def test_never_answers_times_out(
         quiet.close()
         await quiet.wait_closed()
     assert not seen, seen
+
+
+async def test_transient_refusals_are_retried(
+    fake: tuple[FakeServer, ExecConnector, list[dict[str, Any]]],
+) -> None:
+    server, connector, seen = fake
+    answers = [
+        [b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"],
+        [b"HTTP/1.1 503 Unavailable\r\nContent-Length: 4\r\n\r\nbusy"],
+        [],  # closed during the upgrade
+    ]
+    calls = 0
+
+    def script(request: bytes) -> list[bytes]:
+        nonlocal calls
+        calls += 1
+        if answers:
+            return answers.pop(0)
+        return [_switch(request) + _frame(b"\x01third time lucky") + SUCCESS]
+
+    server.script = script
+    listener = Recorder()
+    stream = await _open(connector, listener, timeout=20)
+    assert (await asyncio.wait_for(stream.wait(), 10)) == ExecResult(0)
+    assert bytes(listener.out) == b"third time lucky" and calls == 4
+    assert not seen, seen
+
+
+async def test_permanent_refusals_are_not_retried(
+    fake: tuple[FakeServer, ExecConnector, list[dict[str, Any]]],
+) -> None:
+    server, connector, _ = fake
+    calls = 0
+
+    def script(request: bytes) -> list[bytes]:
+        nonlocal calls
+        calls += 1
+        return [b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"]
+
+    server.script = script
+    with pytest.raises(CommandStartError, match=r"\(404\)") as info:
+        await _open(connector, Recorder(), timeout=20)
+    assert calls == 1 and info.value.status == 404 and not info.value.transient

@@ -144,7 +144,7 @@ async def test_token_and_password_never_logged(
         async with connect(password) as conn:
             assert (await conn.run("echo ok")).stdout == "ok\n"
             # Failure paths log the API server's answers: still no token.
-            cluster.faults.fail(500, verb="exec", count=1)
+            cluster.faults.fail(403, verb="exec", count=1)
             failed = await conn.run("echo refused")
             assert failed.exit_status == 251
             cluster.faults.drop_exec(after_bytes=10, count=1)
