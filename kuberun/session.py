@@ -100,6 +100,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._eof_warned = False
         self._published = False
         self._pending: list[bytes] = []
+        self._input_paused = False  # by the exec stream: its write buffer is full
         # Replaced by the channel's own bound methods in connection_made.
         self.exec_stdout: Callable[[memoryview], object] = _drop
         self.exec_stderr: Callable[[memoryview], object] = _drop
@@ -213,7 +214,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             self._pending.clear()
         if self._eof:
             self._deliver_eof(stream)
-        if not stream.finished:
+        if not stream.finished and not self._input_paused:
+            # (Unless writing the held input already filled the exec's buffer.)
             chan.resume_reading()
 
     def _wrapped_argv(self, chan: asyncssh.SSHServerChannel[bytes]) -> list[str]:
@@ -357,10 +359,12 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
     # -- relay: Kubernetes side (ExecListener) ----------------------------
 
     def exec_pause_input(self) -> None:
+        self._input_paused = True
         if self._chan is not None:
             self._chan.pause_reading()
 
     def exec_resume_input(self) -> None:
+        self._input_paused = False
         if self._chan is not None and not self._closed:
             self._chan.resume_reading()
 

@@ -1,0 +1,155 @@
+"""Bounded gateway memory under backpressure, measured as the RSS of a gateway process.
+
+Three cases, each against Pods that write (or would read) as fast as they can:
+clients that stop reading altogether, clients that read slowly, and clients that
+upload into Pods that do not read yet. The gateway's RSS is sampled throughout;
+its growth over the warm baseline must stay within ``LIMIT`` (the target: 64 MiB
+after 10 s of a Pod flooding a stalled reader). Afterwards every stream must
+still deliver its bytes, so a stall is a pause, never a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from kuberun.devcluster import DevCluster
+
+from .chaos import Chaos, GatewayProcess, Options
+
+pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
+
+LIMIT = 64 * 1024 * 1024
+SESSIONS = 4
+STALL = 10.0
+MiB = 1 << 20
+
+
+class Sampler:
+    """The gateway's RSS over its warm baseline, sampled twice a second."""
+
+    def __init__(self, gateway: GatewayProcess) -> None:
+        self.gateway = gateway
+        self.baseline = gateway.rss()
+        self.peak = self.baseline
+
+    async def run_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.peak = max(self.peak, self.gateway.rss())
+            await asyncio.sleep(0.5)
+        self.peak = max(self.peak, self.gateway.rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+@pytest.fixture
+async def chaos(tmp_path: Path) -> AsyncIterator[Chaos]:
+    async with DevCluster() as cluster:
+        harness = Chaos(Options(), cluster, tmp_path)
+        workdir = tmp_path / "gateway"
+        workdir.mkdir()
+        harness.gateway = GatewayProcess(workdir, harness.gateway_config(), "uvloop", "cython")
+        await harness.gateway.start()
+        try:
+            # Warm up both directions once, so allocator pools exist before the baseline.
+            async with harness.connect() as conn:
+                result = await conn.run(f"head -c {64 * MiB} /dev/zero", encoding=None)
+                assert len(result.stdout) == 64 * MiB
+                result = await conn.run("wc -c", input=bytes(64 * MiB), encoding=None)
+                assert result.stdout.strip() == str(64 * MiB).encode()
+            yield harness
+        finally:
+            assert await harness.gateway.stop(60) == 0
+            assert not harness.gateway.unhandled()
+
+
+async def _drain(proc: asyncssh.SSHClientProcess[bytes], limit: int) -> int:
+    """Read up to ``limit`` bytes (all zeros) and return how many arrived."""
+    got = 0
+    while got < limit:
+        chunk = await proc.stdout.read(min(1 << 20, limit - got))
+        if not chunk:
+            break
+        assert chunk.count(0) == len(chunk)
+        got += len(chunk)
+    return got
+
+
+async def test_stalled_readers(chaos: Chaos) -> None:
+    assert chaos.gateway is not None
+    async with chaos.connect() as conn:
+        procs = [await conn.create_process("cat /dev/zero", encoding=None) for _ in range(SESSIONS)]
+        sampler = Sampler(chaos.gateway)
+        await sampler.run_for(STALL)  # nobody reads: the Pods write as fast as they can
+        print(f"stalled readers: +{sampler.growth / MiB:.1f} MiB for {SESSIONS} sessions")
+        assert sampler.growth <= LIMIT
+        # The stall was a pause: every stream still flows, byte-exact.
+        counts = await asyncio.gather(*(_drain(p, 32 * MiB) for p in procs))
+        assert counts == [32 * MiB] * SESSIONS
+        for proc in procs:
+            proc.close()
+
+
+async def test_slow_readers(chaos: Chaos) -> None:
+    assert chaos.gateway is not None
+    size = 256 * MiB
+    async with chaos.connect() as conn:
+        procs = [
+            await conn.create_process(f"head -c {size} /dev/zero", encoding=None)
+            for _ in range(SESSIONS)
+        ]
+        sampler = Sampler(chaos.gateway)
+
+        async def slowly(proc: asyncssh.SSHClientProcess[bytes]) -> int:
+            got = 0
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                got += len(await proc.stdout.read(16384))
+                await asyncio.sleep(0.01)
+            return got + await _drain(proc, size - got)
+
+        counts, _ = await asyncio.gather(
+            asyncio.gather(*(slowly(p) for p in procs)), sampler.run_for(5)
+        )
+        print(f"slow readers: +{sampler.growth / MiB:.1f} MiB for {SESSIONS} sessions")
+        assert sampler.growth <= LIMIT
+        assert counts == [size] * SESSIONS
+        for proc in procs:
+            assert (await proc.wait()).exit_status == 0
+
+
+async def test_uploads_into_pods_that_do_not_read(chaos: Chaos) -> None:
+    assert chaos.gateway is not None
+    size = 128 * MiB
+    async with chaos.connect() as conn:
+        procs = [
+            await conn.create_process("sleep 5; wc -c", encoding=None) for _ in range(SESSIONS)
+        ]
+        sampler = Sampler(chaos.gateway)
+
+        async def upload(proc: asyncssh.SSHClientProcess[bytes]) -> bytes:
+            chunk = bytes(MiB)
+            for _ in range(size // MiB):
+                proc.stdin.write(chunk)
+                await proc.stdin.drain()  # as fast as the gateway lets us
+            proc.stdin.write_eof()
+            return (await proc.wait()).stdout or b""
+
+        async def sample_until(done: asyncio.Future[list[bytes]]) -> None:
+            while not done.done():
+                await sampler.run_for(0.5)
+
+        uploads = asyncio.ensure_future(asyncio.gather(*(upload(p) for p in procs)))
+        await sample_until(uploads)
+        outputs = await uploads
+        print(f"fast uploads: +{sampler.growth / MiB:.1f} MiB for {SESSIONS} sessions")
+        assert sampler.growth <= LIMIT
+        assert [o.strip() for o in outputs] == [str(size).encode()] * SESSIONS
