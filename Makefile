@@ -34,9 +34,13 @@ test: lint
 
 fuzz: build
 	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_relay.py -max_total_time=30 -rss_limit_mb=2048
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_status.py -max_total_time=15 -rss_limit_mb=2048
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_upgrade.py -max_total_time=15 -rss_limit_mb=2048
 
 fuzz-long: build
 	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_relay.py -max_total_time=600 -rss_limit_mb=2048
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_status.py -max_total_time=600 -rss_limit_mb=2048
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) fuzz/fuzz_upgrade.py -max_total_time=600 -rss_limit_mb=2048
 
 # The demo: a local cluster and a gateway on 127.0.0.1:2222; prints the ssh command.
 demo: build

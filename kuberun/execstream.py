@@ -194,6 +194,8 @@ class ExecStream(asyncio.BufferedProtocol):
                     )
                 )
             return
+        if self._decoder is None:
+            return  # the upgrade failed: the opener has its error, the listener hears nothing
         if self._status is not None:
             self._finish(self._result_from_status())
         else:

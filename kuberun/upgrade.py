@@ -172,4 +172,4 @@ def error_message(response: UpgradeResponse, body: bytes) -> str:
             )
         else:
             text = response.reason or "no details"
-    return f"exec refused by the API server ({response.status}): {text}"
+    return f"exec refused by the API server ({response.status}): {text[:MAX_MESSAGE]}"

@@ -166,9 +166,13 @@ async def test_refused_upgrades_end_with_a_message(
 ) -> None:
     server, connector, seen = fake
     server.script, words = CASES[case]
+    listener = Recorder()
     with pytest.raises(CommandStartError) as info:
-        await _open(connector, Recorder())
+        await _open(connector, listener)
     assert words in str(info.value)
+    # The opener alone hears of it: a session must not also be told "stream lost".
+    await asyncio.sleep(0.05)
+    assert not listener.results
     assert "did not start within" not in str(info.value)
     await asyncio.sleep(0.1)
     assert not seen, seen
