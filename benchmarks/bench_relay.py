@@ -162,3 +162,20 @@ def test_stdin_encode(benchmark: Any, impl: str, size: int) -> None:
     benchmark.extra_info["bytes"] = len(data)
     out = benchmark(enc.stdin, data)
     assert len(out) == size + 1 + 14
+
+
+# What the exec stream does with the SSH packets of one read (asyncssh delivers
+# 32 KiB packets one by one): frame two of them as one 64 KiB message. `join`
+# is the copy-then-mask way; `gather` masks each packet straight into the frame.
+@pytest.mark.parametrize("size", [65536])
+@pytest.mark.parametrize("way", ["join", "gather"])
+def test_stdin_two_packets(benchmark: Any, way: str, size: int) -> None:
+    enc = _load("cython").ExecEncoder()
+    packets = [os.urandom(size // 2), os.urandom(size // 2)]
+    benchmark.group = "stdin-two-packets-64KiB"
+    benchmark.extra_info["bytes"] = size
+    if way == "join":
+        out = benchmark(lambda: enc.stdin(b"".join(packets)))
+    else:
+        out = benchmark(enc.stdin_many, packets)
+    assert len(out) == size + 1 + 14

@@ -20,6 +20,7 @@ from cpython.bytearray cimport (
     PyByteArray_Resize,
 )
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 
@@ -626,14 +627,40 @@ cdef class ExecEncoder:
         cdef Py_buffer buf
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
-            return self._stdin(<const unsigned char*>buf.buf, buf.len)
+            return self._stdin_gather(&buf, 1, buf.len)
         finally:
             PyBuffer_Release(&buf)
 
+    def stdin_many(self, chunks):
+        """Exactly ``stdin(b"".join(chunks))``, without the join: each chunk is
+        masked straight into the frames, so queued stdin is copied once, not twice.
+        """
+        cdef Py_ssize_t count = len(chunks)
+        cdef Py_buffer* bufs
+        cdef Py_ssize_t got = 0
+        cdef Py_ssize_t i, n = 0
+        if count == 1:
+            return self.stdin(chunks[0])
+        bufs = <Py_buffer*>PyMem_Malloc(<size_t>(count if count else 1) * sizeof(Py_buffer))
+        if bufs == NULL:
+            raise MemoryError()
+        try:
+            for i in range(count):
+                PyObject_GetBuffer(chunks[i], &bufs[i], PyBUF_SIMPLE)
+                got += 1
+                n += bufs[i].len
+            return self._stdin_gather(bufs, count, n)
+        finally:
+            for i in range(got):
+                PyBuffer_Release(&bufs[i])
+            PyMem_Free(bufs)
+
     @cython.cdivision(True)  # step >= 1, n >= 0: C division is exact here
-    cdef bytes _stdin(self, const unsigned char* src, Py_ssize_t n):
+    cdef bytes _stdin_gather(self, Py_buffer* bufs, Py_ssize_t count, Py_ssize_t n):
         cdef Py_ssize_t step = self._max_frame
-        cdef Py_ssize_t full, last, off, chunk, total
+        cdef Py_ssize_t full, last, total, left, take, done, i
+        cdef Py_ssize_t idx = 0      # chunk being copied
+        cdef Py_ssize_t pos = 0      # bytes of it already copied
         cdef unsigned char* dst
         cdef unsigned char* key
         cdef bytes out
@@ -646,20 +673,29 @@ cdef class ExecEncoder:
             total += _frame_size(last + 1)
         out = PyBytes_FromStringAndSize(NULL, total)
         dst = <unsigned char*>PyBytes_AS_STRING(out)
-        off = 0
-        while off < n:
-            chunk = n - off
-            if chunk > step:
-                chunk = step
-            dst += _write_header(dst, OP_BINARY, chunk + 1)
+        left = n
+        while left > 0:
+            take = left if left < step else step
+            dst += _write_header(dst, OP_BINARY, take + 1)
             self._next_key(dst)
             key = dst
-            # The payload is the channel byte 0 and the data: mask while copying,
-            # the data starting at key phase 1.
-            dst[4] = key[0]
-            _mask_copy(dst + 5, src + off, chunk, key, 1)
-            dst += 5 + chunk
-            off += chunk
+            dst[4] = key[0]  # the channel byte 0, masked
+            dst += 5
+            done = 0
+            while done < take:
+                # Skip empty chunks; `take` bytes remain, so idx stays in range.
+                while pos == bufs[idx].len:
+                    idx += 1
+                    pos = 0
+                i = bufs[idx].len - pos
+                if i > take - done:
+                    i = take - done
+                # Data byte j of a frame has mask phase 1 + j (the channel byte is phase 0).
+                _mask_copy(dst, <const unsigned char*>bufs[idx].buf + pos, i, key, 1 + done)
+                dst += i
+                done += i
+                pos += i
+            left -= take
         self.stdin_bytes += <unsigned long long>n
         return out
 

@@ -18,7 +18,7 @@ Each Kubernetes message starts with one channel byte: 1 stdout, 2 stderr,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from kuberun._relay_common import (
@@ -470,6 +470,13 @@ class ExecEncoder:
             parts.append(self._frame(_OP_BINARY, b"\x00" + chunk))
         self._stdin_bytes += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def stdin_many(self, chunks: Sequence[bytes | bytearray | memoryview]) -> bytes:
+        """Exactly ``stdin(b"".join(chunks))`` (the compiled relay masks each chunk
+        straight into the frames instead of joining first)."""
+        if len(chunks) == 1:
+            return self.stdin(chunks[0])
+        return self.stdin(b"".join(chunks))
 
     def resize(self, width: int, height: int) -> bytes:
         """A channel-4 terminal size message ``{"Width":W,"Height":H}`` (columns, rows)."""

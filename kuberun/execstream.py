@@ -324,17 +324,19 @@ class ExecStream(asyncio.BufferedProtocol):
             return
         # One write per 64 KiB (one message): bigger writes mean buffers above
         # malloc's mmap threshold, mapped and unmapped every time, and those page
-        # faults cost more than the send() calls saved.
+        # faults cost more than the send() calls saved. stdin_many masks the
+        # SSH packets straight into the frame (no join, one copy of the data).
+        stdin_many = self._encoder.stdin_many
         group: list[bytes] = []
         size = 0
         for data in pending:
             if group and size + len(data) > _STDIN_GROUP:
-                transport.write(self._encoder.stdin(b"".join(group)))
-                group.clear()
+                transport.write(stdin_many(group))
+                group = []
                 size = 0
             group.append(data)
             size += len(data)
-        transport.write(self._encoder.stdin(group[0] if len(group) == 1 else b"".join(group)))
+        transport.write(stdin_many(group))
 
     def _fail(self, exc: KuberunError) -> None:
         self._finish(ExecResult(None, exc))

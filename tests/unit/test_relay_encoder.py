@@ -194,6 +194,67 @@ def test_both_implementations_agree_byte_for_byte(
     assert outputs[0] == outputs[1]
 
 
+@pytest.mark.parametrize("max_frame", [1, 3, 7, 100, 126, 65536])
+def test_stdin_many_is_stdin_of_the_join(relay_impl: ModuleType, max_frame: int) -> None:
+    """Chunk lists of every shape (empty chunks, chunks spanning frame boundaries,
+    odd offsets, mixed buffer types) give the bytes ``stdin(b"".join(...))`` gives,
+    mask keys included, and count the same stdin bytes."""
+    rng = random.Random(max_frame)
+    joined = relay_impl.ExecEncoder(max_frame_payload=max_frame, random_bytes=rng.randbytes)
+    rng2 = random.Random(max_frame)
+    gathered = relay_impl.ExecEncoder(max_frame_payload=max_frame, random_bytes=rng2.randbytes)
+    shapes = [
+        [],
+        [0],
+        [0, 0],
+        [1],
+        [5, 0, 3],
+        [1] * 9,
+        [3, 4, 5, 6],
+        [65536, 1],
+        [70000, 7, 0, 65530],
+    ]
+    src = random.Random(9)
+    for _ in range(30):
+        shapes.append(
+            [src.choice([0, 1, 2, 3, 8, 31, 125, 4000, 65535]) for _ in range(src.randint(2, 9))]
+        )
+    for lengths in shapes:
+        if sum(lengths) // max_frame > 3000:
+            continue  # keep the tiny-frame cases quick
+        chunks: list[bytes | bytearray | memoryview] = []
+        for i, n in enumerate(lengths):
+            data = src.randbytes(n + 3)
+            kind = i % 3  # bytes, bytearray, and an unaligned memoryview slice
+            chunks.append(
+                data[:n]
+                if kind == 0
+                else bytearray(data[:n])
+                if kind == 1
+                else memoryview(data)[3:]
+            )
+        expected = joined.stdin(b"".join(bytes(c) for c in chunks))
+        assert gathered.stdin_many(chunks) == expected, lengths
+        assert gathered.stdin_bytes == joined.stdin_bytes
+    frames = parse_client_frames(gathered.stdin_many([b"ab", b"", b"cd"]))
+    assert b"".join(p[1:] for _, _, p in frames) == b"abcd"
+
+
+def test_stdin_many_rejects_what_stdin_rejects(relay_impl: ModuleType) -> None:
+    enc = relay_impl.ExecEncoder(random_bytes=fixed_random)
+    with pytest.raises(TypeError):
+        enc.stdin_many([b"ok", "text is not bytes"])
+    with pytest.raises(TypeError):
+        enc.stdin_many([b"ok", 3])
+    assert enc.stdin_bytes == 0
+    assert enc.stdin_many([]) == b""
+    # The buffers taken before the bad chunk were released: they can be resized again.
+    grow = bytearray(b"x")
+    with pytest.raises(TypeError):
+        enc.stdin_many([grow, None])
+    grow += b"y" * 100
+
+
 def test_default_random_source_is_urandom(relay_impl: ModuleType) -> None:
     enc = relay_impl.ExecEncoder()
     keys = {parse_client_frames(enc.stdin(b"x"))[0][1] for _ in range(64)}
