@@ -105,7 +105,13 @@ class Frontend:
             resp = _status_response(
                 ApiError(exc.status, exc.reason.replace(" ", ""), exc.text or exc.reason)
             )
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
+            # The client went away mid-request (a cancelled call, a killed process):
+            # routine for an API server, not an error to print a traceback for.
+            # The 500 goes nowhere; re-raising would make aiohttp log a traceback.
+            log.debug("devcluster: %s %s: client went away", request.method, path)
+            return web.Response(status=500)
+        except asyncio.CancelledError:
             raise
         except Exception as exc:  # a handler bug must not take the server down
             log.exception("devcluster: %s %s failed", request.method, path)

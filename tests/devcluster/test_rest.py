@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+
+import pytest
 
 from kuberun.devcluster import DevCluster
 
-from .conftest import Api, pod
+from .conftest import Api, client_ssl, pod
 
 PODS = "/api/v1/namespaces/default/pods"
 
@@ -359,3 +362,34 @@ async def test_named_legacy_watch(api: Api) -> None:
     ) as resp:
         names = {json.loads(line)["object"]["metadata"]["name"] async for line in resp.content}
     assert names == {"named"}
+
+
+async def test_client_gone_mid_body_is_quiet(
+    api: Api, cluster: DevCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends a create's headers and vanishes before its body (a
+    cancelled call, a killed process) is routine: no Pod, no error logged, and
+    the server goes on serving."""
+    host, port = cluster.url.removeprefix("https://").rsplit(":", 1)
+    caplog.set_level(logging.DEBUG)
+    for _ in range(3):
+        _, writer = await asyncio.open_connection(
+            host.strip("[]"), int(port), ssl=client_ssl(cluster), server_hostname=host.strip("[]")
+        )
+        writer.write(
+            f"POST {PODS} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {cluster.token}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"kind\":".encode()
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the handler is now waiting for the rest of the body
+        writer.transport.abort()
+    for _ in range(100):
+        if sum(1 for r in cluster.requests if r.verb == "create") == 3:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, [r.getMessage() for r in errors]
+    creates = [r for r in cluster.requests if r.verb == "create"]
+    assert len(creates) == 3
+    assert (await api.request("GET", PODS))[1]["items"] == []
