@@ -113,12 +113,13 @@ class _ExecEcho(_Echo):
 async def _exec_endpoint(kubeconfig: str, pod: str) -> tuple[Any, Any, _Echo]:
     """``stty raw -echo; exec cat`` in ``pod`` through kuberun's ExecStream (Cython relay)."""
     from kuberun import _relay, execstream
-    from kuberun.config import KubernetesConfig, make_api_client
+
+    from .stream_proc import exec_connector
 
     execstream.relay = _relay  # type: ignore[assignment]
-    api = await make_api_client(KubernetesConfig(kubeconfig=kubeconfig, context="devcluster"))
+    api, connector = await exec_connector(kubeconfig)
     echo = _ExecEcho()
-    stream = await execstream.ExecConnector(api.configuration).open(
+    stream = await connector.open(
         "default",
         pod,
         "shell",

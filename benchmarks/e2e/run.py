@@ -6,8 +6,10 @@ asyncssh server, each in its own process, then measures side by side, in
 rotating order, round after round:
 
 1. throughput with OpenSSH (``-c aes128-gcm@openssh.com``), down and up;
-2. keystroke round trips through a pty (asyncssh client);
-3. scale: N concurrent shell sessions on one gateway process, idle CPU, churn.
+2. streams: the exec stream alone, no SSH, each variant against a TLS floor
+   (the same bytes over the same connection with no per-byte work in Python);
+3. keystroke round trips through a pty (asyncssh client);
+4. scale: N concurrent shell sessions on one gateway process, idle CPU, churn.
 
 Prints the tables and the targets of issue 7, and writes every sample as JSON.
 The machine is shared: read ratios from one run, not absolute times.
@@ -36,13 +38,14 @@ import asyncssh
 
 from kuberun.gateway import load_host_keys
 
-from . import latency, report, scale
+from . import latency, report, scale, streams
 from .services import PY, ROOT, DevclusterProc, Service, SshMaster
 from .throughput import Target, Transfer, run_transfer, verify
 
 __all__ = ["main"]
 
 VARIANTS = ("cython", "python", "aiohttp")
+PHASES = ("throughput", "streams", "latency", "scale")
 
 
 def parse_size(text: str) -> int:
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.e2e", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="bytes per transfer")
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput and streams rounds")
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="gateway exec streams to compare"
     )
@@ -227,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn", type=int, default=300, help="connections in the churn run")
     parser.add_argument("--churn-concurrency", type=int, default=20)
     parser.add_argument(
-        "--only", default="throughput,latency,scale", help="phases to run (comma-separated)"
+        "--only",
+        default=",".join(PHASES),
+        help=f"phases to run (comma-separated, of {', '.join(PHASES)})",
     )
     parser.add_argument("--json", type=Path, help="write all samples here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
@@ -238,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         if v not in VARIANTS:
             parser.error(f"unknown variant {v!r}")
     phases = set(args.only.split(","))
+    for phase in phases - set(PHASES):
+        parser.error(f"unknown phase {phase!r}")
     # SIGTERM unwinds like Ctrl-C, so every process started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     limits = raise_limits()
@@ -252,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput" in phases:
                 transfers = throughput_phase(bench, args)
                 data["throughput"] = [asdict(t) for t in transfers]
+            if "streams" in phases:
+                data["streams"] = streams.run(bench, args)
             if "latency" in phases:
                 data["latency"] = latency.run(bench, args)
             if "scale" in phases:

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ PY = sys.executable
 CIPHER = "aes128-gcm@openssh.com"
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    # The relay variant is chosen explicitly per gateway process.
+    # The relay variant is chosen explicitly per process.
     env.pop("KUBERUN_NO_EXTENSIONS", None)
+    env.update(extra or {})
     return env
 
 
@@ -44,10 +46,26 @@ class Service:
     info: dict[str, Any]
 
     @classmethod
-    def start(cls, name: str, argv: list[str], log: Path, timeout: float = 60) -> Service:
+    def start(
+        cls,
+        name: str,
+        argv: list[str],
+        log: Path,
+        timeout: float = 60,
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bool = False,
+    ) -> Service:
+        """Start ``argv`` with ``env`` added to the environment; with ``stdin``, its
+        stdin is a pipe (:meth:`ask` talks to it), else inherited."""
         logf = open(log, "ab")  # noqa: SIM115 - lives as long as the process
         popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=logf, cwd=ROOT, env=_child_env()
+            argv,
+            stdin=subprocess.PIPE if stdin else None,
+            stdout=subprocess.PIPE,
+            stderr=logf,
+            cwd=ROOT,
+            env=_child_env(env),
         )
         assert popen.stdout is not None
         deadline = time.monotonic() + timeout
@@ -71,7 +89,20 @@ class Service:
     def rss(self) -> int:
         return rss_bytes(self.pid)
 
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One JSON line to the process's stdin, its one-line JSON answer back."""
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.write(json.dumps(request).encode() + b"\n")
+        self.popen.stdin.flush()
+        line = self.popen.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} exited (rc {self.popen.poll()})")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
     def stop(self, timeout: float = 60) -> None:
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()  # a process serving requests ends on EOF
         if self.popen.poll() is None:
             self.popen.terminate()
             try:
