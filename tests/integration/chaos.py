@@ -185,6 +185,20 @@ class Violation(Exception):
     pass
 
 
+def _send_input(proc: Any, data: bytes | str | None, *, eof: bool = False) -> None:
+    """Write a session's stdin (then EOF), unless the session has ended already.
+
+    A session that fails fast (an image that cannot be pulled, a refused exec) closes
+    its channel before the client gets to write; asyncssh then raises BrokenPipeError.
+    That is no violation in itself: the exit status and the message are judged next.
+    """
+    with contextlib.suppress(BrokenPipeError):
+        if data is not None:
+            proc.stdin.write(data)
+        if eof:
+            proc.stdin.write_eof()
+
+
 def _rss(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
@@ -451,7 +465,7 @@ class Chaos:
         slow = rng.random() < 0.3
         async with self.connect() as conn:
             proc = await conn.create_process(f"head -c {size} {self.data_path}", encoding=None)
-            proc.stdin.write_eof()
+            _send_input(proc, None, eof=True)
             got = bytearray()
             while True:
                 chunk = await proc.stdout.read(65536)
@@ -479,8 +493,7 @@ class Chaos:
         async with self.connect() as conn:
             # (conn.run(input=b"") would never send EOF: asyncssh skips empty input.)
             proc = await conn.create_process("sha256sum", encoding=None)
-            proc.stdin.write(data)
-            proc.stdin.write_eof()
+            _send_input(proc, data, eof=True)
             result = await proc.wait()
         out = (result.stdout or b"").decode(errors="replace")
         return self.judge(
@@ -498,7 +511,7 @@ class Chaos:
             proc = await conn.create_process(
                 'read line; echo "got:$line"; exit 4', term_type="xterm", term_size=(80, 24)
             )
-            proc.stdin.write(token + "\n")
+            _send_input(proc, token + "\n")
             out = ""
             while True:
                 chunk = await proc.stdout.read(1024)
