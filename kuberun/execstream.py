@@ -59,6 +59,11 @@ WRITE_HIGH_WATER = 256 * 1024
 # Queued stdin goes out in writes of up to this much data (the encoder's frame size).
 _STDIN_GROUP = 65536
 
+# A first stdin write of an event-loop iteration below this size (a keystroke, a
+# line) goes out at once; a bigger one (bulk data: asyncssh hands over a socket
+# read as 32 KiB packets in one go) waits for the rest of the iteration's packets.
+_STDIN_IMMEDIATE = 4096
+
 # First size of the response head buffer: with a thousand sessions, a MAX_HEAD
 # buffer per exec open is tens of KiB of resident memory per session.
 _HEAD_START = 4096
@@ -401,9 +406,10 @@ class ExecStream(asyncio.BufferedProtocol):
     def write_stdin(self, data: bytes) -> None:
         """Send SSH stdin to the process.
 
-        The first write of an event-loop iteration goes out at once (a keystroke
-        waits for nothing); later ones in the same iteration (asyncssh delivers
-        a read's packets one by one) are sent together when it ends.
+        A small first write of an event-loop iteration goes out at once (a
+        keystroke waits for nothing); everything else written in the same
+        iteration (asyncssh delivers a read's packets one by one) is sent
+        together when it ends, in messages of up to 64 KiB.
         """
         transport = self._transport
         if transport is None or self._stdin_closed or self._finished:
@@ -412,8 +418,11 @@ class ExecStream(asyncio.BufferedProtocol):
         if pending is not None:
             pending.append(data)
             return
-        self._stdin_pending = []
         asyncio.get_running_loop().call_soon(self._flush_stdin)
+        if len(data) >= _STDIN_IMMEDIATE:
+            self._stdin_pending = [data]
+            return
+        self._stdin_pending = []
         transport.write(self._encoder.stdin(data))
 
     def close_stdin(self) -> bool:

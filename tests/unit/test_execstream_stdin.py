@@ -1,0 +1,108 @@
+"""How ExecStream turns SSH stdin into WebSocket writes: keystrokes at once, bulk grouped.
+
+The stream is driven without a network: a recording transport stands in for the
+TLS connection, and the writes are parsed back into client frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from kuberun.execstream import ExecResult, ExecStream
+from tests.unit.test_relay_encoder import parse_client_frames
+
+
+class _Transport:
+    """Records writes; enough of asyncio.Transport for ExecStream's stdin path."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class _Listener:
+    exec_stdout = staticmethod(lambda data: None)
+    exec_stderr = staticmethod(lambda data: None)
+
+    def exec_pause_input(self) -> None:
+        pass
+
+    def exec_resume_input(self) -> None:
+        pass
+
+    def exec_finished(self, result: ExecResult) -> None:
+        pass
+
+
+def _stream() -> tuple[ExecStream, _Transport]:
+    stream = ExecStream(_Listener(), "key", ping_interval=0)
+    transport = _Transport()
+    stream.connection_made(transport)  # type: ignore[arg-type]
+    stream.protocol = "v5.channel.k8s.io"
+    return stream, transport
+
+
+def _stdin_of(write: bytes) -> list[bytes]:
+    """The stdin data of each message in one write (channel byte checked and dropped)."""
+    frames = parse_client_frames(write)
+    assert all(op == 0x2 and p[:1] == b"\x00" for op, _, p in frames)
+    return [p[1:] for _, _, p in frames]
+
+
+async def _next_iteration() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_a_keystroke_goes_out_at_once() -> None:
+    stream, transport = _stream()
+    stream.write_stdin(b"x")
+    assert [_stdin_of(w) for w in transport.writes] == [[b"x"]]  # before the loop runs again
+    stream.write_stdin(b"y")
+    stream.write_stdin(b"z")
+    assert len(transport.writes) == 1  # the rest of the iteration waits ...
+    await _next_iteration()
+    assert [_stdin_of(w) for w in transport.writes] == [[b"x"], [b"yz"]]  # ... and goes together
+
+
+async def test_bulk_packets_of_one_read_go_out_in_64k_messages() -> None:
+    stream, transport = _stream()
+    packets = [bytes([i]) * 32768 for i in range(8)]  # one 256 KiB read as asyncssh hands it over
+    for packet in packets:
+        stream.write_stdin(packet)
+    assert transport.writes == []  # a big first write waits for the others
+    await _next_iteration()
+    messages = [_stdin_of(w) for w in transport.writes]
+    assert messages == [[packets[i] + packets[i + 1]] for i in range(0, 8, 2)]
+    assert stream.stdin_bytes == 8 * 32768
+
+
+async def test_order_holds_with_control_messages() -> None:
+    stream, transport = _stream()
+    stream.write_stdin(b"a" * 5000)  # held
+    stream.write_stdin(b"b")
+    stream.resize(100, 40)  # sends the held stdin first
+    stream.write_stdin(b"c")
+    stream.close_stdin()
+    stream.write_stdin(b"ignored after EOF")
+    await _next_iteration()
+    frames = [f for w in transport.writes for f in parse_client_frames(w)]
+    payloads = [p for _, _, p in frames]
+    assert payloads == [
+        b"\x00" + b"a" * 5000 + b"b",
+        b'\x04{"Width":100,"Height":40}\n',
+        b"\x00c",
+        b"\xff\x00",
+    ]
