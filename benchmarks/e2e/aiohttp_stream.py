@@ -21,8 +21,8 @@ import asyncio
 import contextlib
 import json
 from collections import deque
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import aiohttp
 from kubernetes_asyncio.client import CoreV1Api
@@ -217,7 +217,14 @@ async def open_baseline(
     api = CoreV1Api(api_client=_ws_client(self._conf))
 
     async def connect() -> aiohttp.ClientWebSocketResponse:
-        ctx = await api.connect_get_namespaced_pod_exec(
+        # The stub says ``command: str``, no ``_headers`` and an ``Awaitable[str]`` result;
+        # through WsApiClient with _preload_content=False it takes the argv list and extra
+        # headers and resolves to an awaitable aiohttp WebSocket.
+        connect_exec = cast(
+            Callable[..., Awaitable[Awaitable[aiohttp.ClientWebSocketResponse]]],
+            api.connect_get_namespaced_pod_exec,
+        )
+        ctx = await connect_exec(
             pod,
             namespace,
             command=list(command),
@@ -229,14 +236,16 @@ async def open_baseline(
             _preload_content=False,
             _headers={"sec-websocket-protocol": V5},
         )
-        return await ctx  # type: ignore[no-any-return]
+        return await ctx
 
     try:
         ws = await asyncio.wait_for(connect(), timeout)
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         raise CommandStartError(f"exec failed: {exc!r}") from exc
     # aiohttp fills ``ws.protocol`` only for ``protocols=``; the header was set by hand.
-    protocol = ws.protocol or ws._response.headers.get("Sec-WebSocket-Protocol", V5)
+    protocol = ws.protocol
+    if not protocol:
+        protocol = ws._response.headers.get("Sec-WebSocket-Protocol", V5)
     return AiohttpExecStream(listener, ws, protocol)
 
 

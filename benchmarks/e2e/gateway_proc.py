@@ -52,11 +52,12 @@ def select_relay(name: str) -> None:
     if name == "cython":
         from kuberun import _relay
 
-        execstream.relay = _relay  # type: ignore[assignment]
+        # execstream binds ``relay`` by ``from . import relay`` without re-exporting it.
+        execstream.relay = _relay  # type: ignore[attr-defined]
     elif name == "python":
         from kuberun import _relay_py
 
-        execstream.relay = _relay_py  # type: ignore[assignment]
+        execstream.relay = _relay_py  # type: ignore[attr-defined]
     elif name == "aiohttp":
         from . import aiohttp_stream
 

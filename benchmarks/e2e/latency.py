@@ -18,8 +18,8 @@ import subprocess
 import time
 import tty
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 import asyncssh
 
@@ -79,13 +79,15 @@ async def _session(port: int, key: str) -> tuple[Any, Any, _Echo]:
         encryption_algs=[CIPHER],
         agent_path=None,
     )
-    chan, session = await conn.create_session(
+    chan, base_session = await conn.create_session(
         _Echo,
         "stty raw -echo; echo READY; exec cat",
         term_type="xterm",
         term_size=(80, 24),
         encoding=None,
     )
+    # create_session is typed to return the base SSHClientSession; the factory made an _Echo.
+    session = cast(_Echo, base_session)
     await session.until(b"READY")
     await asyncio.sleep(0.2)
     session.buf.clear()  # the newline after the marker
@@ -116,7 +118,8 @@ async def _exec_endpoint(kubeconfig: str, pod: str) -> tuple[Any, Any, _Echo]:
 
     from .stream_proc import exec_connector
 
-    execstream.relay = _relay  # type: ignore[assignment]
+    # execstream binds ``relay`` by ``from . import relay`` without re-exporting it.
+    execstream.relay = _relay  # type: ignore[attr-defined]
     api, connector = await exec_connector(kubeconfig)
     echo = _ExecEcho()
     stream = await connector.open(
@@ -229,6 +232,7 @@ def run(bench: Any, args: Any) -> dict[str, Any]:
         pods = bench.cluster.pod_names()
         return (str(bench.cluster.kubeconfig), pods[0]) if pods else None
 
+    run_loop: Callable[[Coroutine[Any, Any, dict[str, list[float]]]], dict[str, list[float]]]
     try:
         import uvloop
 

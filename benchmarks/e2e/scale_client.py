@@ -17,7 +17,8 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 import asyncssh
 
@@ -58,7 +59,8 @@ async def _open_one(args: argparse.Namespace) -> tuple[Any, Any]:
     conn = await asyncssh.connect("127.0.0.1", args.port, **_options(args))
     chan, session = await conn.create_session(Shell, encoding=None)
     chan.write(b"echo ready\n")
-    await asyncio.wait_for(session.ready, 300)
+    # create_session is typed to return the base SSHClientSession; the factory made a Shell.
+    await asyncio.wait_for(cast(Shell, session).ready, 300)
     return conn, chan
 
 
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--concurrency", type=int, default=50)
     args = parser.parse_args(argv)
+    run: Callable[[Coroutine[Any, Any, int]], int]
     try:
         import uvloop
 

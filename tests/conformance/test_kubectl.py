@@ -186,7 +186,7 @@ async def test_delete_wait_and_watch(kubectl: Kubectl, cluster: DevCluster, tmp_
         deleted = await kubectl("delete", "pod", "web", "--wait", "--timeout=30s", check=True)
         assert 'pod "web" deleted' in deleted.out
         assert cluster.pod("web") is None
-        seen = []
+        seen: list[bytes] = []
         while not any(line.startswith(b"DELETED") for line in seen):
             seen.append(await asyncio.wait_for(watch.stdout.readline(), 30))
         assert any(b"Terminating" in line for line in seen)

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from kubernetes_asyncio import client, config, watch
@@ -48,7 +49,8 @@ async def test_create_watch_until_ready_delete(api: client.CoreV1Api, cluster: D
 
     watching = asyncio.create_task(follow())
     await asyncio.sleep(0.1)  # let the watch connect before the Pod exists
-    created = await api.create_namespaced_pod("default", pod_manifest("aio"))
+    # The client sends a plain dict body as it is; its stubs ask for a V1Pod, hence the casts.
+    created = await api.create_namespaced_pod("default", cast(Any, pod_manifest("aio")))
     await asyncio.wait_for(watching, 30)
     assert seen[0] == ("ADDED", "Pending", False)
     assert seen[-1] == ("MODIFIED", "Running", True)
@@ -82,6 +84,7 @@ async def test_bad_token_is_401(kubeconfig: Path, cluster: DevCluster) -> None:
         with pytest.raises(ApiException) as info:
             await client.CoreV1Api(api_client).list_namespaced_pod("default")
     assert info.value.status == 401
+    assert info.value.body is not None
     body = json.loads(info.value.body)
     assert body["reason"] == "Unauthorized"
     assert body["kind"] == "Status"
@@ -90,21 +93,23 @@ async def test_bad_token_is_401(kubeconfig: Path, cluster: DevCluster) -> None:
 async def test_injected_500_and_429(api: client.CoreV1Api, cluster: DevCluster) -> None:
     cluster.faults.fail(500, verb="create")
     with pytest.raises(ApiException) as info:
-        await api.create_namespaced_pod("default", pod_manifest("flaky"))
+        await api.create_namespaced_pod("default", cast(Any, pod_manifest("flaky")))
     assert info.value.status == 500
+    assert info.value.body is not None
     assert json.loads(info.value.body)["reason"] == "InternalError"
 
     cluster.faults.fail(429, method="GET", path=r"/pods$", retry_after=2)
     with pytest.raises(ApiException) as info:
         await api.list_namespaced_pod("default")
     assert info.value.status == 429
+    assert info.value.headers is not None and info.value.body is not None
     assert info.value.headers["Retry-After"] == "2"
     body = json.loads(info.value.body)
     assert body["reason"] == "TooManyRequests"
     assert body["details"]["retryAfterSeconds"] == 2
 
     # Each rule fired once; the next calls go through.
-    created = await api.create_namespaced_pod("default", pod_manifest("flaky"))
+    created = await api.create_namespaced_pod("default", cast(Any, pod_manifest("flaky")))
     assert created.metadata.name == "flaky"
     assert len((await api.list_namespaced_pod("default")).items) == 1
     assert cluster.requests.tally(resource="pods", verb="create") == {"create": 2}
@@ -113,8 +118,8 @@ async def test_injected_500_and_429(api: client.CoreV1Api, cluster: DevCluster) 
 
 async def test_ws_exec_v4(kubeconfig: Path, api: client.CoreV1Api, cluster: DevCluster) -> None:
     """kubernetes-asyncio's WsApiClient offers only v4.channel.k8s.io."""
-    await api.create_namespaced_pod("default", pod_manifest("aio-exec"))
-    while not cluster.pod("aio-exec") or cluster.pod("aio-exec")["status"]["phase"] != "Running":
+    await api.create_namespaced_pod("default", cast(Any, pod_manifest("aio-exec")))
+    while not (pod := cluster.pod("aio-exec")) or pod["status"]["phase"] != "Running":
         await asyncio.sleep(0.02)
     conf = client.Configuration()
     await config.load_kube_config(config_file=str(kubeconfig), client_configuration=conf)
@@ -123,7 +128,8 @@ async def test_ws_exec_v4(kubeconfig: Path, api: client.CoreV1Api, cluster: DevC
         out = await v1.connect_get_namespaced_pod_exec(
             "aio-exec",
             "default",
-            command=["sh", "-c", "echo from-v4; echo e >&2"],
+            # The stub says ``command: str``; the API takes an argv list.
+            command=cast(Any, ["sh", "-c", "echo from-v4; echo e >&2"]),
             stderr=True,
             stdin=False,
             stdout=True,

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 import aiohttp
 import pytest
+from multidict import CIMultiDictProxy
 
 from kuberun.devcluster import DevCluster
 
@@ -50,7 +51,7 @@ class Api:
         token: str | None = "default",
         headers: dict[str, str] | None = None,
         raw: bytes | None = None,
-    ) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
+    ) -> tuple[int, Any, CIMultiDictProxy[str]]:
         hdrs = dict(headers or {})
         if token == "default":
             token = self.cluster.token

@@ -247,6 +247,7 @@ async def test_update_and_patches(api: Api, cluster: DevCluster) -> None:
     assert status == 422
     assert "pod updates may not change fields" in body["message"]
     current = cluster.pod("patchy")
+    assert current is not None
     stale = json.loads(json.dumps(current))
     stale["metadata"]["resourceVersion"] = "1"
     status, body, _ = await api.request("PUT", PODS + "/patchy", stale)
@@ -295,7 +296,7 @@ async def test_other_resources(api: Api) -> None:
     assert table["rows"][0]["cells"][:3] == ["e1", "1/1", "Running"]
 
 
-JUNK_BODIES = [
+JUNK_BODIES: list[object] = [
     None,
     1,
     "x",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import aiohttp
 
@@ -17,8 +18,8 @@ PODS = "/api/v1/namespaces/default/pods"
 
 async def _watch_lines(
     api: Api, query: str, count: int | None = None, timeout: float = 20
-) -> list[dict]:
-    lines: list[dict] = []
+) -> list[dict[str, Any]]:
+    lines: list[dict[str, Any]] = []
     async with api.session.get(
         api.cluster.url + PODS + "?" + query,
         headers={"Authorization": f"Bearer {api.cluster.token}"},

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import asyncssh
 import pytest
@@ -141,7 +142,8 @@ async def test_uploads_into_pods_that_do_not_read(chaos: Chaos) -> None:
                 proc.stdin.write(chunk)
                 await proc.stdin.drain()  # as fast as the gateway lets us
             proc.stdin.write_eof()
-            return (await proc.wait()).stdout or b""
+            # encoding=None: stdout is bytes (typed ``str | bytes | None``).
+            return cast("bytes | None", (await proc.wait()).stdout) or b""
 
         async def sample_until(done: asyncio.Future[list[bytes]]) -> None:
             while not done.done():

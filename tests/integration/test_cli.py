@@ -10,7 +10,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 import pytest
@@ -144,8 +144,8 @@ async def start_serve(
 async def test_help_lists_commands() -> None:
     code, out, _ = await run(*KUBERUN, "--help")
     assert code == 0
-    for command in (b"serve", b"demo", b"devcluster", b"check"):
-        assert command in out
+    for word in (b"serve", b"demo", b"devcluster", b"check"):
+        assert word in out
     for command in ("serve", "demo", "devcluster", "check"):
         code, out, _ = await run(*KUBERUN, command, "--help")
         assert code == 0 and b"usage: kuberun " + command.encode() in out
@@ -232,10 +232,13 @@ async def test_sigkilled_gateway_pods_collected_by_owner(
         api = k8s.CoreV1Api(api_client)
         owner = await api.create_namespaced_pod(
             "default",
-            {
-                "metadata": {"name": "gateway-0"},
-                "spec": {"containers": [{"name": "g", "image": "x"}]},
-            },
+            cast(  # the client serialises a plain dict body as it is; the stub wants a V1Pod
+                Any,
+                {
+                    "metadata": {"name": "gateway-0"},
+                    "spec": {"containers": [{"name": "g", "image": "x"}]},
+                },
+            ),
         )
         env = dict(os.environ, KUBERUN_POD_NAME="gateway-0", KUBERUN_POD_UID=owner.metadata.uid)
         proc, port, key, _ = await start_serve(tmp_path, cluster, env=env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncssh
@@ -140,7 +141,11 @@ async def test_resize_and_signal_after_exit_are_harmless(gateway: Gateway) -> No
         proc = await conn.create_process("true", term_type="xterm", term_size=(80, 24))
         result = await proc.wait()
         assert result.exit_status == 0
-        for call in (lambda: proc.change_terminal_size(100, 30), lambda: proc.send_signal("TERM")):
+        calls: tuple[Callable[[], None], ...] = (
+            lambda: proc.change_terminal_size(100, 30),
+            lambda: proc.send_signal("TERM"),
+        )
+        for call in calls:
             try:
                 call()
             except (OSError, asyncssh.Error):

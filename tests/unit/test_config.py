@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +219,7 @@ def test_non_string_key_is_rejected() -> None:
 
 
 def test_top_level_must_be_a_mapping() -> None:
-    assert "expected a mapping" in str(error_for(["ssh"]))  # type: ignore[arg-type]
+    assert "expected a mapping" in str(error_for(["ssh"]))
 
 
 def test_section_must_be_a_mapping() -> None:
@@ -776,6 +777,7 @@ async def test_make_api_client_from_explicit_kubeconfig(
         assert conf.api_key["BearerToken"] == "Bearer s3cret-token"
         assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer s3cret-token"
         assert conf.verify_ssl is True
+        assert conf.ssl_ca_cert is not None
         with open(conf.ssl_ca_cert, "rb") as f:
             assert f.read() == ca
     finally:
@@ -908,7 +910,7 @@ async def test_in_cluster_config(
 async def test_in_cluster_failure_is_a_config_error(
     no_cluster_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kubernetes_asyncio.config import incluster_config
+    from kubernetes_asyncio.config import ConfigException, incluster_config
 
     from kuberun.config import make_client_configuration
 
@@ -916,7 +918,7 @@ async def test_in_cluster_failure_is_a_config_error(
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
 
     def broken(**kwargs: Any) -> None:
-        raise incluster_config.ConfigException("Service token file does not exist.")
+        raise ConfigException("Service token file does not exist.")
 
     monkeypatch.setattr(incluster_config, "load_incluster_config", broken)
     with pytest.raises(ConfigError) as info:
@@ -971,8 +973,9 @@ async def test_token_file_is_reread_for_rotation(
     # Within the refresh interval the token is not re-read ...
     assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer first"
     # ... after it, it is.
-    clock = _kubeclient.time.monotonic() + _kubeclient.REFRESH_INTERVAL + 1
-    monkeypatch.setattr(_kubeclient.time, "monotonic", lambda: clock)
+    clock = time.monotonic() + _kubeclient.REFRESH_INTERVAL + 1
+    # _kubeclient reads the clock as ``time.monotonic()``.
+    monkeypatch.setattr("kuberun._kubeclient.time.monotonic", lambda: clock)
     assert await conf.get_api_key_with_prefix("BearerToken") == "Bearer second"
 
 

@@ -563,7 +563,7 @@ def test_missing_program_exits_127() -> None:
     env=st.dictionaries(
         # A fixed prefix keeps clear of names the shell or Python act on.
         st.from_regex(r"KR_[A-Za-z0-9_]{0,8}", fullmatch=True),
-        st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\0")),
+        st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\0")),
         max_size=5,
     )
 )
