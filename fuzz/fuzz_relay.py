@@ -108,6 +108,7 @@ def run(impl: Any, chunks: list[bytes], via: str, kwargs: dict[str, Any]) -> tup
                     "max_status", _relay_common.DEFAULT_MAX_STATUS
                 )
                 assert len(dec._ctrl) <= 125 and len(dec._hdr) <= 10
+        dec.flush()  # the input has ended: bytes held for a frame's end come out
     except ExecProtocolError as exc:
         error = str(exc)
         # A failed decoder stays failed, with the same message.

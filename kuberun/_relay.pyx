@@ -22,7 +22,7 @@ from cpython.bytearray cimport (
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 import os
 
@@ -71,6 +71,10 @@ cdef enum:
     # a Python call. Longer pieces are handed over as views, uncopied.
     STAGE_PIECE_MAX = 8192
     STAGE_SIZE = 65536
+    # A stdout/stderr frame of at most this many payload bytes that a read cuts in
+    # two is held in the receive buffer until its end arrives, then delivered
+    # whole: one SSH packet instead of two (the second costing as much again).
+    HOLD_MAX = 65536
     MASK_POOL = 4096   # randomness fetched per refill: 1024 mask keys
 
 
@@ -102,7 +106,11 @@ cdef class ExecDecoder:
     Feed it bytes with :meth:`feed` (or, as an ``asyncio.BufferedProtocol``,
     through :meth:`get_buffer`/:meth:`buffer_updated`); it calls the sink's
     methods as data arrives. Stdout/stderr are streamed: a frame spanning many
-    reads is delivered piece by piece, never buffered whole.
+    reads is delivered piece by piece, never buffered whole. One exception, in
+    the BufferedProtocol path only: a read that ends inside a frame of at most
+    64 KiB (and half the receive buffer) leaves that frame's bytes in the buffer
+    until the rest arrives, so it is delivered in one piece; :meth:`flush`
+    delivers them when no more input will come.
 
     Any protocol violation raises :class:`~kuberun.errors.ExecProtocolError`;
     from then on (and also after a sink method raised) every call raises
@@ -139,6 +147,10 @@ cdef class ExecDecoder:
     cdef bytearray _recv              # receive buffer for the BufferedProtocol path
     cdef object _recv_view
     cdef Py_ssize_t _recv_size
+    cdef Py_ssize_t _hold_limit       # largest frame remainder worth holding back
+    cdef Py_ssize_t _held_off         # a cut frame's payload bytes kept in _recv ...
+    cdef Py_ssize_t _held_len         # ... (0: none), re-parsed with the next read
+    cdef bint _may_hold               # parsing _recv (not feed()'s input)
     cdef bytearray _stage             # small pieces gathered for one sink call
     cdef object _stage_view
     cdef unsigned char* _stage_ptr
@@ -181,6 +193,10 @@ cdef class ExecDecoder:
         self._recv = PyByteArray_FromStringAndSize(NULL, buffer_size)
         self._recv_view = memoryview(self._recv)
         self._recv_size = buffer_size
+        self._hold_limit = min(HOLD_MAX, buffer_size // 2)
+        self._held_off = 0
+        self._held_len = 0
+        self._may_hold = False
         self._stage = PyByteArray_FromStringAndSize(NULL, STAGE_SIZE)
         self._stage_view = memoryview(self._stage)
         self._stage_ptr = <unsigned char*>PyByteArray_AS_STRING(self._stage)
@@ -203,12 +219,14 @@ cdef class ExecDecoder:
     def feed(self, data):
         """Parse ``data`` (any bytes-like object), calling the sink as needed."""
         cdef Py_buffer buf
+        if self._held_len:
+            self.flush()  # held bytes come first
         self._enter()
         try:
             PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
             try:
                 self._src_obj = data
-                self._run(<const unsigned char*>buf.buf, buf.len)
+                self._run(<const unsigned char*>buf.buf, 0, buf.len)
             finally:
                 PyBuffer_Release(&buf)
         finally:
@@ -217,24 +235,57 @@ cdef class ExecDecoder:
             self._busy = False
 
     def get_buffer(self, Py_ssize_t sizehint):
-        """``asyncio.BufferedProtocol.get_buffer``: the decoder's whole receive buffer."""
+        """``asyncio.BufferedProtocol.get_buffer``: the decoder's receive buffer, or
+        the part after a held frame's bytes."""
+        cdef char* base
         if self._busy:
             raise RuntimeError("ExecDecoder.get_buffer called while parsing")
-        return self._recv_view
+        if not self._held_len:
+            return self._recv_view
+        if self._recv_size - self._held_off - self._held_len < self._recv_size // 2:
+            # Move the held bytes to the front: the next read gets at least half
+            # the buffer, more than the held frame still needs.
+            base = PyByteArray_AS_STRING(self._recv)
+            memmove(base, base + self._held_off, <size_t>self._held_len)
+            self._held_off = 0
+        return self._recv_view[self._held_off + self._held_len:]
 
     def buffer_updated(self, Py_ssize_t nbytes):
         """``asyncio.BufferedProtocol.buffer_updated``: parse ``nbytes`` from the buffer."""
-        if not 0 <= nbytes <= self._recv_size:
+        cdef Py_ssize_t start = self._held_off
+        cdef Py_ssize_t held = self._held_len
+        if not 0 <= nbytes <= self._recv_size - start - held:
             raise ValueError(f"buffer_updated({nbytes}) outside the receive buffer")
         self._enter()
+        self._parse_recv(start, held + nbytes, True)
+
+    def flush(self):
+        """Deliver stdout/stderr bytes held back for a frame's end (see the class
+        docstring). Call it when the input has ended: the connection closed or was
+        lost. Nothing happens if nothing is held or the decoder has failed."""
+        cdef Py_ssize_t start = self._held_off
+        cdef Py_ssize_t held = self._held_len
+        if not held or self._error is not None:
+            return
+        self._enter()
+        # The frame is not over: its remaining bytes, if they ever come, follow.
+        self._parse_recv(start, held, False)
+
+    cdef int _parse_recv(self, Py_ssize_t start, Py_ssize_t n, bint may_hold) except -1:
+        """Parse ``n`` bytes of the receive buffer from ``start`` (after _enter())."""
         try:
             self._src_obj = self._recv
             self._src_view = self._recv_view
-            self._run(<const unsigned char*>PyByteArray_AS_STRING(self._recv), nbytes)
+            self._held_len = 0
+            self._held_off = 0
+            self._may_hold = may_hold
+            self._run(<const unsigned char*>PyByteArray_AS_STRING(self._recv), start, n)
         finally:
+            self._may_hold = False
             self._src_obj = None
             self._src_view = None
             self._busy = False
+        return 0
 
     cdef int _enter(self) except -1:
         if self._busy:
@@ -244,10 +295,11 @@ cdef class ExecDecoder:
         self._busy = True
         return 0
 
-    cdef int _run(self, const unsigned char* buf, Py_ssize_t n) except -1:
-        self._src_base = buf
+    cdef int _run(self, const unsigned char* base, Py_ssize_t start, Py_ssize_t n) except -1:
+        """Parse ``n`` bytes at ``base + start`` (``base``: where the input object starts)."""
+        self._src_base = base
         try:
-            self._parse(buf, n)
+            self._parse(base + start, n)
             self._flush()
         except ExecProtocolError as exc:
             self._error = str(exc)
@@ -331,6 +383,19 @@ cdef class ExecDecoder:
                     pos += 1
                     take -= 1
                     self._remaining -= 1
+                if (
+                    self._may_hold
+                    and take > 0
+                    and pos + take == n
+                    and <unsigned long long>take < self._remaining
+                    and self._remaining <= <unsigned long long>self._hold_limit
+                    and (self._chan == 1 or self._chan == 2)
+                ):
+                    # The read ends inside a small output frame: keep its bytes
+                    # where they are and parse them again with the rest.
+                    self._held_off = (buf + pos) - self._src_base
+                    self._held_len = take
+                    break
                 if take > 0:
                     self._data(buf + pos, take)
                     pos += take

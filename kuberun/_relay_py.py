@@ -61,6 +61,10 @@ _OP_BINARY: Final = 0x2
 _KNOWN_OPCODES: Final = frozenset({0x0, 0x1, 0x2, 0x8, 0x9, 0xA})
 
 _MIN_BUFFER: Final = 64
+# A stdout/stderr frame of at most this many payload bytes that a read cuts in two
+# is held in the receive buffer until its end arrives, then delivered whole: one
+# SSH packet instead of two.
+_HOLD_MAX: Final = 65536
 _MASK_POOL: Final = 4096  # bytes of randomness fetched per refill: 1024 mask keys
 _INT_MASK_MAX: Final = 256  # below this, masking through one big int is cheapest
 
@@ -77,7 +81,11 @@ class ExecDecoder:
     Feed it bytes with :meth:`feed` (or, as an ``asyncio.BufferedProtocol``,
     through :meth:`get_buffer`/:meth:`buffer_updated`); it calls the sink's
     methods as data arrives. Stdout/stderr are streamed: a frame spanning many
-    reads is delivered piece by piece, never buffered whole.
+    reads is delivered piece by piece, never buffered whole. One exception, in
+    the BufferedProtocol path only: a read that ends inside a frame of at most
+    64 KiB (and half the receive buffer) leaves that frame's bytes in the buffer
+    until the rest arrives, so it is delivered in one piece; :meth:`flush`
+    delivers them when no more input will come.
 
     Any protocol violation raises :class:`~kuberun.errors.ExecProtocolError`;
     from then on (and also after a sink method raised) every call raises
@@ -111,6 +119,10 @@ class ExecDecoder:
         self._on_close = sink.on_close
         self._buf = bytearray(buffer_size)
         self._view = memoryview(self._buf)
+        self._hold_limit = min(_HOLD_MAX, buffer_size // 2)
+        self._held_off = 0  # a cut frame's payload bytes kept in _buf ...
+        self._held_len = 0  # ... (0: none), parsed again with the next read
+        self._may_hold = False  # parsing _buf (not feed()'s input)
 
         self._state = _HEADER
         self._hdr = bytearray()  # a header split across reads
@@ -161,28 +173,64 @@ class ExecDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Parse ``data`` (any bytes-like object), calling the sink as needed."""
+        if self._held_len:
+            self.flush()  # held bytes come first
         self._enter()
         try:
             view = memoryview(data)
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
-            self._run(view)
+            self._run(view, 0)
         finally:
             self._busy = False
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """``asyncio.BufferedProtocol.get_buffer``: the decoder's whole receive buffer."""
+        """``asyncio.BufferedProtocol.get_buffer``: the decoder's receive buffer, or
+        the part after a held frame's bytes."""
         if self._busy:
             raise RuntimeError("ExecDecoder.get_buffer called while parsing")
-        return self._view
+        held = self._held_len
+        if not held:
+            return self._view
+        size = len(self._buf)
+        if size - self._held_off - held < size // 2:
+            # Move the held bytes to the front: the next read gets at least half
+            # the buffer, more than the held frame still needs.
+            off = self._held_off
+            self._buf[:held] = bytes(self._view[off : off + held])  # may overlap
+            self._held_off = 0
+        return self._view[self._held_off + held :]
 
     def buffer_updated(self, nbytes: int) -> None:
         """``asyncio.BufferedProtocol.buffer_updated``: parse ``nbytes`` from the buffer."""
-        if not 0 <= nbytes <= len(self._buf):
+        start = self._held_off
+        held = self._held_len
+        if not 0 <= nbytes <= len(self._buf) - start - held:
             raise ValueError(f"buffer_updated({nbytes}) outside the receive buffer")
         self._enter()
         try:
-            self._run(self._view[:nbytes])
+            self._held_len = 0
+            self._held_off = 0
+            self._may_hold = True
+            self._run(self._view[: start + held + nbytes], start)
+        finally:
+            self._may_hold = False
+            self._busy = False
+
+    def flush(self) -> None:
+        """Deliver stdout/stderr bytes held back for a frame's end (see the class
+        docstring). Call it when the input has ended: the connection closed or was
+        lost. Nothing happens if nothing is held or the decoder has failed."""
+        start = self._held_off
+        held = self._held_len
+        if not held or self._error is not None:
+            return
+        self._enter()
+        try:
+            self._held_len = 0
+            self._held_off = 0
+            # The frame is not over: its remaining bytes, if they ever come, follow.
+            self._run(self._view[: start + held], start)
         finally:
             self._busy = False
 
@@ -193,9 +241,9 @@ class ExecDecoder:
             raise ExecProtocolError(self._error)
         self._busy = True
 
-    def _run(self, view: memoryview) -> None:
+    def _run(self, view: memoryview, start: int) -> None:
         try:
-            self._parse(view)
+            self._parse(view, start)
         except ExecProtocolError as exc:
             self._error = str(exc)
             raise
@@ -208,8 +256,7 @@ class ExecDecoder:
 
     # -- the state machine ---------------------------------------------------
 
-    def _parse(self, mv: memoryview) -> None:
-        pos = 0
+    def _parse(self, mv: memoryview, pos: int) -> None:
         end = len(mv)
         while pos < end:
             state = self._state
@@ -222,6 +269,18 @@ class ExecDecoder:
                     pos += 1
                     take -= 1
                     self._remaining -= 1
+                if (
+                    self._may_hold
+                    and take
+                    and pos + take == end
+                    and take < self._remaining <= self._hold_limit
+                    and self._chan in (1, 2)
+                ):
+                    # The read ends inside a small output frame: keep its bytes
+                    # where they are and parse them again with the rest.
+                    self._held_off = pos
+                    self._held_len = take
+                    break
                 if take:
                     chan = self._chan
                     if chan == 1:

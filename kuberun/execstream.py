@@ -204,6 +204,7 @@ class ExecStream(asyncio.BufferedProtocol):
         if self._status is not None:
             self._finish(self._result_from_status())
         else:
+            self._release_held()
             detail = f": {exc}" if exc else ""
             self._finish(ExecResult(None, ExecStreamLost(f"exec stream lost{detail}")))
 
@@ -343,7 +344,17 @@ class ExecStream(asyncio.BufferedProtocol):
             size += len(data)
         transport.write(stdin_many(group))
 
+    def _release_held(self) -> None:
+        """Output the decoder held back for a frame's end that will not come now."""
+        decoder = self._decoder
+        if decoder is not None and not self._finished:
+            try:
+                decoder.flush()
+            except Exception:  # the SSH side is gone; the result says why
+                _log.debug("held exec output could not be delivered", exc_info=True)
+
     def _fail(self, exc: KuberunError) -> None:
+        self._release_held()
         self._finish(ExecResult(None, exc))
         if self._transport is not None:
             asyncio.get_running_loop().call_soon(self._transport.abort)

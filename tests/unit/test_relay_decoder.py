@@ -523,3 +523,95 @@ def test_retained_views_stay_memory_safe(relay_impl: ModuleType) -> None:
     del dec, buf
     gc.collect()
     assert sum(len(bytes(v)) for v in sink.kept) == 10 + 20000 + 100 + 30000
+
+
+def _read(dec: Any, chunk: bytes) -> None:
+    """One BufferedProtocol read of ``chunk`` (it must fit the buffer offered)."""
+    buf = dec.get_buffer(-1)
+    assert len(buf) >= len(chunk)
+    buf[: len(chunk)] = chunk
+    dec.buffer_updated(len(chunk))
+
+
+def test_a_cut_output_frame_is_delivered_whole(relay_impl: ModuleType) -> None:
+    """A read ending inside a frame of up to 64 KiB: the frame reaches the sink in one
+    call once its end arrives (one SSH packet, not two), in order with what follows."""
+    sink = RecordingSink()
+    dec = relay_impl.ExecDecoder(sink)
+    out = bytes(range(256)) * 128  # 32 KiB
+    wire = data(1, out) + data(2, b"err") + data(1, b"x" * 40000)
+    for cut in (7, 16384, len(data(1, out)) - 1):
+        sink.events.clear()
+        _read(dec, wire[:cut])
+        assert sink.events == []  # held: nothing yet
+        _read(dec, wire[cut:])
+        assert sink.events == [("stdout", out), ("stderr", b"err"), ("stdout", b"x" * 40000)]
+    assert dec.stdout_bytes == 3 * (len(out) + 40000)
+
+
+def test_big_frames_are_streamed_not_held(relay_impl: ModuleType) -> None:
+    sink = RecordingSink()
+    dec = relay_impl.ExecDecoder(sink)
+    out = b"b" * 100000  # over 64 KiB: streamed piece by piece as before
+    wire = data(1, out)
+    _read(dec, wire[:50000])
+    assert normalize(sink.events) == [("stdout", wire[len(wire) - len(out) : 50000])]
+    _read(dec, wire[50000:])
+    assert normalize(sink.events) == [("stdout", out)]
+
+
+def test_held_bytes_survive_wrapping_to_the_buffer_front(relay_impl: ModuleType) -> None:
+    """In a small buffer the held bytes move to the front; every read is offered at least
+    half the buffer, so a held frame always completes."""
+    sink = RecordingSink()
+    dec = relay_impl.ExecDecoder(sink, buffer_size=256)
+    frames = [data(1 + i % 2, bytes([65 + i % 26]) * (30 + 7 * i % 90)) for i in range(200)]
+    wire = b"".join(frames)
+    pos = 0
+    step = 0
+    while pos < len(wire):
+        buf = dec.get_buffer(-1)
+        assert len(buf) >= 128
+        step = (step * 31 + 17) % len(buf) + 1  # reads of varied sizes, up to all offered
+        n = min(step, len(wire) - pos)
+        buf[:n] = wire[pos : pos + n]
+        dec.buffer_updated(n)
+        pos += n
+    dec.flush()
+    assert normalize(sink.events) == normalize(run_decoder(relay_impl, [wire]).events)
+    # Frames fitting half the buffer (128) were never cut: one call each.
+    small = [f for f in frames if len(f) - 3 <= 128]
+    assert len(sink.events) >= len(small) and all(len(e[1]) > 0 for e in sink.events)
+
+
+def test_flush_delivers_held_bytes_and_the_frame_goes_on(relay_impl: ModuleType) -> None:
+    sink = RecordingSink()
+    dec = relay_impl.ExecDecoder(sink)
+    wire = data(1, b"0123456789")
+    _read(dec, wire[:6])
+    assert sink.events == []
+    dec.flush()  # e.g. the connection was lost
+    assert sink.events == [("stdout", b"012")]
+    dec.flush()  # nothing held: nothing happens
+    _read(dec, wire[6:] + data(2, b"e"))  # if the rest comes after all, it follows
+    assert normalize(sink.events) == [("stdout", b"0123456789"), ("stderr", b"e")]
+
+
+def test_feed_after_a_hold_keeps_the_order(relay_impl: ModuleType) -> None:
+    sink = RecordingSink()
+    dec = relay_impl.ExecDecoder(sink)
+    wire = data(1, b"abcdef")
+    _read(dec, wire[:5])
+    dec.feed(wire[5:])
+    assert normalize(sink.events) == [("stdout", b"abcdef")]
+
+
+def test_status_and_other_channels_are_never_held(relay_impl: ModuleType) -> None:
+    """Only stdout/stderr are held; a cut frame on another channel is parsed as before."""
+    sink = RecordingSink()
+    dec = relay_impl.ExecDecoder(sink)
+    wire = data(3, SUCCESS_JSON)
+    _read(dec, wire[:10])
+    assert len(dec.get_buffer(-1)) == 262144  # nothing held
+    _read(dec, wire[10:])
+    assert sink.events == [("status", SUCCESS_JSON)]

@@ -181,6 +181,7 @@ def run_decoder(
                 pos += n
                 if pos >= len(chunk):
                     break
+        dec.flush()  # the input has ended: bytes held for a frame's end come out
     except ExecProtocolError as exc:
         error = (type(exc).__name__, str(exc))
     return Outcome(normalize(sink.events), error, dec)
