@@ -283,6 +283,12 @@ class SSHConnectionHandler:
         for session in list(self._sessions):
             session.shutdown(message)
 
+    def abandon(self) -> None:
+        """The connection closes now: sessions still flushing output before their exit
+        status end with the shutdown status instead (the output is lost)."""
+        for session in list(self._sessions):
+            session.abandon()
+
     async def close(self) -> None:
         """Delete every Pod of this connection (waits for the deletions)."""
         self._closing = True

@@ -310,5 +310,7 @@ class SSHServer(asyncssh.SSHServer):
         return self._conn_handler is not None and self._conn_handler.session_count > 0
 
     def close_connection(self, message: str = "the gateway is shutting down") -> None:
+        if self._conn_handler is not None:
+            self._conn_handler.abandon()
         if self.conn is not None:
             self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, f"kuberun: {message}")

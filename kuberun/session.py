@@ -91,6 +91,9 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._eof = False
         self._closed = False
         self._exited = False
+        # An exit status held back until the output queued before it has reached the
+        # client (see _exit).
+        self._exit_pending: int | None = None
         self._signalled: int | None = None
         self._pid_file: str | None = None
         self._pod: Any = None
@@ -341,6 +344,9 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             self._stream.pause_output()
 
     def resume_writing(self) -> None:
+        if self._exit_pending is not None:
+            self._send_exit(self._exit_pending)  # the queued output has all gone out
+            return
         if self._stream is not None:
             self._stream.resume_output()
 
@@ -404,6 +410,31 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             return
         self._exited = True
         self._publish_bytes()
+        if chan.get_write_buffer_size() > 0:
+            # asyncssh sends exit-status at once, ahead of the output still queued for
+            # a client that reads slowly. Hold the status until that output is out (a
+            # zero low-water mark makes asyncssh call resume_writing exactly then), so
+            # a status of success never precedes output the client may not get: if
+            # the gateway stops first, abandon() reports the shutdown status instead.
+            self._exit_pending = status
+            try:
+                chan.set_write_buffer_limits(high=0, low=0)
+            except OSError:
+                pass
+            return
+        self._send_exit(status)
+
+    def abandon(self) -> None:
+        """The connection is about to close (gateway shutdown): a session whose exit
+        status waits behind unsent output ends with the shutdown status now."""
+        if self._exit_pending is not None:
+            self._send_exit(EXIT_SHUTDOWN)
+
+    def _send_exit(self, status: int) -> None:
+        chan = self._chan
+        self._exit_pending = None
+        if chan is None or self._closed:
+            return
         signalled = self._signalled
         try:
             if signalled is not None and status == 128 + signalled:
