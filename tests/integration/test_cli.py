@@ -191,12 +191,20 @@ async def test_serve_metrics_and_sigterm_with_open_session(
         metrics_url = f"http://{config['metrics']['listen']}/metrics"
         import aiohttp
 
-        async with aiohttp.ClientSession() as http, http.get(metrics_url) as resp:
-            text = await resp.text()
-        assert "kuberun_backend_requests_total" in text
-        assert "kuberun_backend_failures_total" in text
-        requests = re.search(r"^kuberun_backend_requests_total (\S+)$", text, re.M)
-        assert requests is not None and float(requests.group(1)) >= 3
+        async def backend_requests() -> float:
+            async with aiohttp.ClientSession() as http, http.get(metrics_url) as resp:
+                text = await resp.text()
+            assert "kuberun_backend_failures_total" in text
+            found = re.search(r"^kuberun_backend_requests_total (\S+)$", text, re.M)
+            assert found is not None, text
+            return float(found.group(1))
+
+        # create, watch, and the delete that follows the disconnect (in the background:
+        # it may not have been made when the client has exited)
+        deadline = asyncio.get_running_loop().time() + 30
+        while await backend_requests() < 3:
+            assert asyncio.get_running_loop().time() < deadline, "no Pod deletion counted"
+            await asyncio.sleep(0.05)
 
         # An open session when SIGTERM arrives: told on stderr, Pod deleted, exit 0.
         client = await asyncio.create_subprocess_exec(
