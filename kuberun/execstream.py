@@ -105,6 +105,11 @@ class _Sink:
         self.on_close = stream._on_close
 
 
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class ExecStream(asyncio.BufferedProtocol):
     """One exec WebSocket. Create it with :meth:`ExecConnector.open`."""
 
@@ -123,6 +128,10 @@ class ExecStream(asyncio.BufferedProtocol):
         self._decoder: Any = None
         self._encoder = relay.ExecEncoder()
         self._upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Its opener may be gone (cancelled: the client left, the open timed out) by the
+        # time the upgrade fails; the failure then concerns no one and must not reach
+        # the event loop's handler as "Future exception was never retrieved".
+        self._upgraded.add_done_callback(_consume_exception)
         self._status: bytes | None = None
         self._finished = False
         self._done: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()

@@ -1,12 +1,14 @@
-"""How ExecStream turns SSH stdin into WebSocket writes: keystrokes at once, bulk grouped.
+"""ExecStream without a network: how SSH stdin becomes WebSocket writes (keystrokes at
+once, bulk grouped), and what a failed upgrade leaves behind.
 
-The stream is driven without a network: a recording transport stands in for the
-TLS connection, and the writes are parsed back into client frames.
+A recording transport stands in for the TLS connection, and the writes are parsed
+back into client frames.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from kuberun.execstream import ExecResult, ExecStream
@@ -106,3 +108,21 @@ async def test_order_holds_with_control_messages() -> None:
         b"\x00c",
         b"\xff\x00",
     ]
+
+
+async def test_a_failed_upgrade_nobody_awaits_stays_quiet() -> None:
+    """The opener was cancelled (client gone, timeout) before the API server hung up:
+    the upgrade's failure must not reach the loop's exception handler."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        stream, _transport = _stream()
+        stream.connection_lost(None)  # closed during the upgrade, no one waiting
+        del stream, _transport
+        await _next_iteration()
+        gc.collect()
+        await _next_iteration()
+    finally:
+        loop.set_exception_handler(None)
+    assert seen == []
