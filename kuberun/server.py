@@ -27,7 +27,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncssh
@@ -204,25 +204,35 @@ class Gateway:
             server.shutdown(message)
         # Let the exit statuses, and the output of programs that had already ended,
         # reach the clients before the connections close: a session closes once its
-        # output is flushed. A client that does not read gets _DRAIN_GRACE seconds.
-        for _ in range(int(_DRAIN_GRACE / _DRAIN_POLL)):
-            if not any(server.busy for server in self._servers):
-                break
-            await asyncio.sleep(_DRAIN_POLL)
+        # output is flushed. Then let the clients leave by themselves: output a client
+        # has received but not yet read is lost if the server disconnects it (asyncssh
+        # drops it). Clients that do neither get _DRAIN_GRACE seconds in all.
+        deadline = asyncio.get_running_loop().time() + _DRAIN_GRACE
+        await _poll_until(lambda: not any(server.busy for server in self._servers), deadline)
+        await _poll_until(lambda: not self._servers, deadline)
         for server in list(self._servers):
             server.close_connection(message)
         # Each connection_lost, which starts that connection's Pod deletion, runs on
         # a later turn of the loop: wait for all of them before waiting for the tasks.
-        for _ in range(int(_DRAIN_GRACE / _DRAIN_POLL)):
-            if not self._servers:
-                break
-            await asyncio.sleep(_DRAIN_POLL)
+        await _poll_until(
+            lambda: not self._servers, asyncio.get_running_loop().time() + _DRAIN_GRACE
+        )
         await self.wait_tasks()
 
     async def wait_tasks(self) -> None:
         """Wait for background tasks (Pod deletions) until none are left."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+async def _poll_until(done: Callable[[], bool], deadline: float) -> None:
+    """Check ``done`` every _DRAIN_POLL seconds until it holds or ``deadline`` (loop time)
+    has passed. Only the shutdown uses it: a few seconds, once."""
+    loop = asyncio.get_running_loop()
+    for _ in range(max(0, int((deadline - loop.time()) / _DRAIN_POLL)) + 1):
+        if done():
+            return
+        await asyncio.sleep(_DRAIN_POLL)
 
 
 class SSHServer(asyncssh.SSHServer):

@@ -85,3 +85,26 @@ async def test_gateway_stopping_reports_shutdown_not_success(
     statuses = [n for kind, n in session.events if kind == "exit"]
     assert statuses == [254]  # the shutdown status, not the program's 0
     await gateway.wait_no_pods()
+
+
+async def test_gateway_stopping_lets_clients_read_what_they_were_sent(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    """All output sent and the session over, but still unread in the client's own
+    buffers when the gateway is told to stop: the gateway leaves the client time to
+    read it and disconnect by itself (an asyncssh client drops what it has not
+    delivered when the server disconnects)."""
+    async with gateway.asyncssh_connect() as conn:
+        chan, session = await conn.create_session(
+            _Recorder, f"head -c {WINDOW // 2} /dev/zero", encoding=None, window=WINDOW
+        )
+        assert isinstance(session, _Recorder)
+        chan.pause_reading()
+        # Everything fits the window: the session ends with the bytes queued in the client.
+        await wait_for(lambda: ("exit", 0) in session.events, 60, "the exit status")
+        closing = asyncio.ensure_future(gateway.runner.close())
+        await asyncio.sleep(0.3)
+        chan.resume_reading()
+        await asyncio.wait_for(session.closed, 30)
+    await asyncio.wait_for(closing, 30)
+    assert sum(n for kind, n in session.events if kind == "data") == WINDOW // 2
