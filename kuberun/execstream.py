@@ -258,6 +258,12 @@ class ExecStream(asyncio.BufferedProtocol):
                 CommandStartError(f"invalid WebSocket upgrade from the API server: {problem}")
             )
             return
+        if self._upgraded.done():
+            # The opener gave up (cancelled: the client left, or the open timed out)
+            # and is closing the connection; no one will ever use this stream.
+            if self._transport is not None:
+                self._transport.abort()
+            return
         self.protocol = protocol
         self._decoder = relay.ExecDecoder(cast(Any, _Sink(self, self._listener)), protocol)
         self._head = bytearray()

@@ -12,6 +12,7 @@ import gc
 from typing import Any
 
 from kuberun.execstream import ExecResult, ExecStream
+from kuberun.upgrade import accept_key, new_key
 from tests.unit.test_relay_encoder import parse_client_frames
 
 
@@ -126,3 +127,31 @@ async def test_a_failed_upgrade_nobody_awaits_stays_quiet() -> None:
     finally:
         loop.set_exception_handler(None)
     assert seen == []
+
+
+async def test_an_upgrade_arriving_after_the_opener_gave_up_is_dropped() -> None:
+    """The 101 comes just after the opener was cancelled (which cancels the future it
+    awaited): the stream must neither raise inside the protocol callback nor start."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    aborted: list[bool] = []
+    try:
+        stream = ExecStream(_Listener(), new_key(), ping_interval=0)
+        transport = _Transport()
+        transport.abort = lambda: aborted.append(True)  # type: ignore[attr-defined]
+        stream.connection_made(transport)  # type: ignore[arg-type]
+        stream._upgraded.cancel()
+        head = (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(stream._key)}\r\n"
+            "Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"
+        ).encode()
+        buf = stream.get_buffer(-1)
+        buf[: len(head)] = head
+        stream.buffer_updated(len(head))
+        await _next_iteration()
+    finally:
+        loop.set_exception_handler(None)
+    assert seen == [] and aborted == [True]
+    assert stream.protocol == "" and not stream.finished
