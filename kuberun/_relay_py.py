@@ -208,14 +208,7 @@ class ExecDecoder:
         if not 0 <= nbytes <= len(self._buf) - start - held:
             raise ValueError(f"buffer_updated({nbytes}) outside the receive buffer")
         self._enter()
-        try:
-            self._held_len = 0
-            self._held_off = 0
-            self._may_hold = True
-            self._run(self._view[: start + held + nbytes], start)
-        finally:
-            self._may_hold = False
-            self._busy = False
+        self._parse_recv(start, held + nbytes, may_hold=True)
 
     def flush(self) -> None:
         """Deliver stdout/stderr bytes held back for a frame's end (see the class
@@ -226,12 +219,18 @@ class ExecDecoder:
         if not held or self._error is not None:
             return
         self._enter()
+        # The frame is not over: its remaining bytes, if they ever come, follow.
+        self._parse_recv(start, held, may_hold=False)
+
+    def _parse_recv(self, start: int, n: int, *, may_hold: bool) -> None:
+        """Parse ``n`` bytes of the receive buffer from ``start`` (after _enter())."""
         try:
             self._held_len = 0
             self._held_off = 0
-            # The frame is not over: its remaining bytes, if they ever come, follow.
-            self._run(self._view[: start + held], start)
+            self._may_hold = may_hold
+            self._run(self._view[: start + n], start)
         finally:
+            self._may_hold = False
             self._busy = False
 
     def _enter(self) -> None:

@@ -11,7 +11,8 @@ import asyncio
 import gc
 from typing import Any
 
-from kuberun.execstream import ExecResult, ExecStream
+from kuberun.execstream import ExecStream
+from kuberun.session import _Discard  # the project's output-dropping listener
 from kuberun.upgrade import accept_key, new_key
 from tests.unit.test_relay_encoder import parse_client_frames
 
@@ -35,22 +36,8 @@ class _Transport:
         return default
 
 
-class _Listener:
-    exec_stdout = staticmethod(lambda data: None)
-    exec_stderr = staticmethod(lambda data: None)
-
-    def exec_pause_input(self) -> None:
-        pass
-
-    def exec_resume_input(self) -> None:
-        pass
-
-    def exec_finished(self, result: ExecResult) -> None:
-        pass
-
-
 def _stream() -> tuple[ExecStream, _Transport]:
-    stream = ExecStream(_Listener(), "key", ping_interval=0)
+    stream = ExecStream(_Discard(), "key", ping_interval=0)
     transport = _Transport()
     stream.connection_made(transport)  # type: ignore[arg-type]
     stream.protocol = "v5.channel.k8s.io"
@@ -137,7 +124,7 @@ async def test_an_upgrade_arriving_after_the_opener_gave_up_is_dropped() -> None
     loop.set_exception_handler(lambda _loop, context: seen.append(context))
     aborted: list[bool] = []
     try:
-        stream = ExecStream(_Listener(), new_key(), ping_interval=0)
+        stream = ExecStream(_Discard(), new_key(), ping_interval=0)
         transport = _Transport()
         transport.abort = lambda: aborted.append(True)  # type: ignore[attr-defined]
         stream.connection_made(transport)  # type: ignore[arg-type]
