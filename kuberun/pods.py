@@ -242,9 +242,13 @@ class PodController:
             except Exception as exc:
                 if self._failures is not None:
                     self._failures.inc()
-                if not _is_retryable(exc) or time.monotonic() >= deadline:
-                    if isinstance(exc, asyncio.TimeoutError):
-                        # Say why the time ran out: the last failure is the useful part.
+                retryable = _is_retryable(exc)
+                if not retryable or time.monotonic() >= deadline:
+                    if retryable:
+                        # Out of time, this failure included: say why, the last failure
+                        # is the useful part.
+                        if not isinstance(exc, asyncio.TimeoutError):
+                            last = api_error(exc)
                         why = f" (last error: {last})" if last is not None else ""
                         raise PodStartTimeout(f"{what}: timed out{why}", "Timeout") from exc
                     raise api_error(exc) from exc

@@ -113,3 +113,21 @@ async def test_timeout_names_the_last_failure() -> None:
 def test_content_length(value: bytes, expected: int | None) -> None:
     head = b"HTTP/1.1 500 X\r\nContent-Length: " + value if value else b"HTTP/1.1 500 X"
     assert parse_response_head(head).content_length() == expected
+
+
+async def test_timeout_after_a_retryable_failure_at_the_deadline() -> None:
+    """A retryable failure that comes when no time is left ends as a timeout naming it,
+    not as a bare API error (the race behind a flaky run of the test above)."""
+    controller = PodController(
+        _NoApi(),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+    )
+    deadline = time.monotonic() + 0.05
+
+    async def refused_late() -> None:
+        # Blocks past the deadline without yielding, so no timeout can cut it short.
+        time.sleep(max(0.0, deadline - time.monotonic()) + 0.01)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    with pytest.raises(PodStartTimeout, match=r"timed out \(last error: .*Connection refused"):
+        await controller._call("create Pod", deadline, refused_late)
