@@ -10,6 +10,9 @@ internal buffers must stay within their bounds. ``decode_status`` must return
 an int or raise ``ExecError``, and both encoders must produce identical,
 correctly masked stdin frames.
 
+A quarter of the inputs use the port-forward layout (``forward_port``), most
+of them opened by the two 2-byte port headers a kubelet sends first.
+
 Half of the inputs are "structured": the fuzzer's bytes choose frames (opcode,
 flags, channel, length form, body) rather than raw bytes, which reaches
 fragmented messages and status reassembly far sooner.
@@ -49,6 +52,9 @@ IMPLS = (_relay_py, _relay)
 MAX_PAYLOADS = (_relay_common.DEFAULT_MAX_PAYLOAD, 0, 1, 64, 300, 5000)
 MAX_STATUSES = (_relay_common.DEFAULT_MAX_STATUS, 0, 1, 40)
 BUFFER_SIZES = (64, 100, 262144)
+FORWARD_PORT = 8080
+FORWARD_HEADER_DATA = bytes((0x82, 3, 0)) + struct.pack("<H", FORWARD_PORT)
+FORWARD_HEADER_ERROR = bytes((0x82, 3, 1)) + struct.pack("<H", FORWARD_PORT)
 
 
 class Sink:
@@ -77,6 +83,15 @@ class Sink:
             raise AssertionError(f"on_status got {data!r}")
         self.events.append(("status", data))
 
+    # The port-forward layout's names for the same two paths.
+    def on_data(self, data: memoryview) -> None:
+        self._piece("data", data)
+
+    def on_error(self, data: bytes) -> None:
+        if type(data) is not bytes or not data:
+            raise AssertionError(f"on_error got {data!r}")
+        self.events.append(("error", data))
+
     def on_ping(self, payload: bytes) -> None:
         self.events.append(("ping", bytes(payload)))
 
@@ -86,7 +101,9 @@ class Sink:
 
 def run(impl: Any, chunks: list[bytes], via: str, kwargs: dict[str, Any]) -> tuple[Any, ...]:
     sink = Sink()
-    dec = impl.ExecDecoder(sink, kwargs["protocol"], **kwargs["limits"])
+    dec = impl.ExecDecoder(
+        sink, kwargs["protocol"], forward_port=kwargs["forward_port"], **kwargs["limits"]
+    )
     error = None
     try:
         for chunk in chunks:
@@ -104,8 +121,8 @@ def run(impl: Any, chunks: list[bytes], via: str, kwargs: dict[str, Any]) -> tup
                         break
             if impl is _relay_py:
                 # Memory stays bounded whatever the input.
-                assert len(dec._status) <= kwargs["limits"].get(
-                    "max_status", _relay_common.DEFAULT_MAX_STATUS
+                assert len(dec._status) <= max(
+                    2, kwargs["limits"].get("max_status", _relay_common.DEFAULT_MAX_STATUS)
                 )
                 assert len(dec._ctrl) <= 125 and len(dec._hdr) <= 10
         dec.flush()  # the input has ended: bytes held for a frame's end come out
@@ -203,9 +220,15 @@ def test_one_input(data: bytes) -> None:
     if choice & 32:
         limits["buffer_size"] = BUFFER_SIZES[choice % len(BUFFER_SIZES)]
     protocol = _relay_common.PROTOCOLS[fdp.ConsumeIntInRange(0, 2)]
+    layout = fdp.ConsumeIntInRange(0, 7)
+    forward_port = FORWARD_PORT if layout < 2 else None
+    if forward_port is not None:
+        protocol = _relay_common.PROTOCOL_V4
     cuts = [fdp.ConsumeIntInRange(0, 400) for _ in range(fdp.ConsumeIntInRange(0, 12))]
     if structured:
         frames: list[bytes] = []
+        if layout == 0:
+            frames += [FORWARD_HEADER_DATA, FORWARD_HEADER_ERROR]
         while fdp.remaining_bytes() and len(frames) < 40:
             frames.append(build_frame(fdp))
         stream = b"".join(frames)
@@ -219,7 +242,7 @@ def test_one_input(data: bytes) -> None:
         pos += cut
     chunks.append(stream[pos:])
 
-    kwargs = {"protocol": protocol, "limits": limits}
+    kwargs = {"protocol": protocol, "limits": limits, "forward_port": forward_port}
     reference = run(_relay_py, [stream], "feed", kwargs)
     for impl, via in ((_relay, "feed"), (_relay, "buffer"), (_relay_py, "buffer")):
         got = run(impl, chunks, via, kwargs)

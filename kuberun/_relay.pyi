@@ -10,7 +10,7 @@ from kuberun._relay_common import DEFAULT_MAX_STATUS as DEFAULT_MAX_STATUS
 from kuberun._relay_common import PROTOCOL_V1 as PROTOCOL_V1
 from kuberun._relay_common import PROTOCOL_V4 as PROTOCOL_V4
 from kuberun._relay_common import PROTOCOL_V5 as PROTOCOL_V5
-from kuberun._relay_common import ExecSink
+from kuberun._relay_common import ExecSink, PortForwardSink
 from kuberun._relay_common import decode_status as decode_status
 
 __all__ = [
@@ -30,6 +30,8 @@ class ExecDecoder:
     @property
     def protocol(self) -> str: ...
     @property
+    def forward_port(self) -> int | None: ...
+    @property
     def stdout_bytes(self) -> int: ...
     @property
     def stderr_bytes(self) -> int: ...
@@ -39,12 +41,13 @@ class ExecDecoder:
     def closed(self) -> bool: ...
     def __init__(
         self,
-        sink: ExecSink,
+        sink: ExecSink | PortForwardSink,
         protocol: str = ...,
         *,
         max_payload: int = ...,
         max_status: int = ...,
         buffer_size: int = ...,
+        forward_port: int | None = ...,
     ) -> None: ...
     def feed(self, data: bytes | bytearray | memoryview) -> None: ...
     def get_buffer(self, sizehint: int) -> memoryview: ...

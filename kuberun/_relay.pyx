@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Kubernetes exec relay codec, Cython implementation (the hot path).
+"""Kubernetes exec and port-forward relay codec, Cython implementation (the hot path).
 
 Same API and observable behaviour as the pure-Python twin ``kuberun._relay_py``
 (differential tests and a fuzzer hold them together). What differs is cost:
@@ -32,10 +32,14 @@ from kuberun._relay_common import (
     PROTOCOL_V1,
     PROTOCOL_V4,
     PROTOCOL_V5,
+    FORWARD_ROLES_AFTER_HEADER,
+    channel_roles,
+    check_forward_port,
     check_protocol,
     close_payload,
     control_payload,
     decode_status,
+    port_header_error,
     resize_payload,
 )
 from kuberun.errors import ExecProtocolError
@@ -57,6 +61,16 @@ cdef enum _State:
     ST_PAYLOAD = 1   # inside a data frame's payload
     ST_CONTROL = 2   # collecting a control frame's payload (at most 125 bytes)
     ST_CLOSED = 3    # a close frame was received: nothing may follow
+
+
+# Channel roles: the values of kuberun._relay_common.ROLE_* (the differential
+# tests of the port-forward layout would tell them apart).
+cdef enum:
+    ROLE_IGNORE = 0
+    ROLE_OUT = 1
+    ROLE_ERR = 2
+    ROLE_STATUS = 3
+    ROLE_PORT = 4
 
 
 cdef enum:
@@ -116,6 +130,13 @@ cdef class ExecDecoder:
     from then on (and also after a sink method raised) every call raises
     ``ExecProtocolError`` again. After a close frame the stream is over: more
     input bytes are a protocol error.
+
+    With ``forward_port`` set it decodes a ``pods/portforward`` stream of that
+    one port instead (protocol ``v4.channel.k8s.io``), calling a
+    ``PortForwardSink``: channel 0 is streamed to ``on_data`` like stdout,
+    channel 1 is buffered like a status and handed to ``on_error``, and the
+    first message on each of them must be the port's 2-byte header (anything
+    else is a protocol error). ``stdout_bytes`` then counts data bytes.
     """
 
     cdef object _on_stdout
@@ -124,6 +145,7 @@ cdef class ExecDecoder:
     cdef object _on_ping
     cdef object _on_close
     cdef readonly str protocol
+    cdef readonly object forward_port
     cdef readonly unsigned long long stdout_bytes
     cdef readonly unsigned long long stderr_bytes
     cdef readonly unsigned long long unknown_frames
@@ -136,7 +158,9 @@ cdef class ExecDecoder:
     cdef unsigned long long _remaining   # payload bytes of that frame not yet read
     cdef bint _fin                    # FIN bit of the current data frame
     cdef bint _msg_open               # a fragmented data message awaits continuation frames
-    cdef int _chan                    # channel of the current message; -1 until its first byte
+    cdef int _chan                    # role of the current message; -1 until its first byte
+    cdef int _raw_chan                # its channel byte
+    cdef unsigned char _roles[256]    # channel byte -> role (ROLE_*), by layout
     cdef unsigned long long _msg_len  # payload bytes of the current message so far
     cdef unsigned long long _max_payload
     cdef unsigned long long _max_status
@@ -171,8 +195,11 @@ cdef class ExecDecoder:
         max_payload=DEFAULT_MAX_PAYLOAD,
         max_status=DEFAULT_MAX_STATUS,
         buffer_size=262144,
+        forward_port=None,
     ):
+        cdef bytes roles
         self.protocol = check_protocol(protocol)
+        self.forward_port = check_forward_port(forward_port, protocol)
         for name, value, low in (
             ("max_payload", max_payload, 0),
             ("max_status", max_status, 0),
@@ -182,9 +209,15 @@ cdef class ExecDecoder:
                 raise ValueError(f"{name} must be an integer in {low}..2**62, got {value!r}")
         self._max_payload = max_payload
         self._max_status = max_status
-        self._on_stdout = sink.on_stdout
-        self._on_stderr = sink.on_stderr
-        self._on_status = sink.on_status
+        if self.forward_port is None:
+            self._on_stdout = sink.on_stdout
+            self._on_stderr = sink.on_stderr
+            self._on_status = sink.on_status
+        else:
+            self._on_stdout = self._on_stderr = sink.on_data
+            self._on_status = sink.on_error
+        roles = channel_roles(self.forward_port)
+        memcpy(self._roles, PyBytes_AS_STRING(roles), 256)
         self._on_ping = sink.on_ping
         self._on_close = sink.on_close
         # Both buffers are left uninitialised (bytearray(n) would zero them): pages
@@ -207,6 +240,7 @@ cdef class ExecDecoder:
         self._hdr_len = 0
         self._ctrl_len = 0
         self._chan = -1
+        self._raw_chan = 0
         self._msg_open = False
         self._msg_len = 0
         self._remaining = 0
@@ -326,7 +360,7 @@ cdef class ExecDecoder:
         return self._src_view[off:off + k]
 
     cdef int _deliver(self, int chan, object view, Py_ssize_t k) except -1:
-        if chan == 1:
+        if chan == ROLE_OUT:
             self.stdout_bytes += <unsigned long long>k
             self._on_stdout(view)
         else:
@@ -343,10 +377,10 @@ cdef class ExecDecoder:
         return 0
 
     cdef int _data(self, const unsigned char* p, Py_ssize_t k) except -1:
-        """Route ``k`` > 0 payload bytes of the current message by its channel."""
+        """Route ``k`` > 0 payload bytes of the current message by its role."""
         cdef int chan = self._chan
         cdef Py_ssize_t old
-        if chan == 1 or chan == 2:
+        if chan == ROLE_OUT or chan == ROLE_ERR:
             if k < STAGE_PIECE_MAX:
                 if self._stage_len and (
                     self._stage_chan != chan or self._stage_len + k > STAGE_SIZE
@@ -358,8 +392,9 @@ cdef class ExecDecoder:
             else:
                 self._flush()
                 self._deliver(chan, self._slice(p, k), k)
-        elif chan == 3:
-            # Bounded by max_status: checked before any byte of a frame is accepted.
+        elif chan >= ROLE_STATUS:
+            # Bounded (max_status, or 2 for a port header): checked before any
+            # byte of a frame is accepted.
             old = PyByteArray_GET_SIZE(self._status)
             PyByteArray_Resize(self._status, old + k)
             memcpy(PyByteArray_AS_STRING(self._status) + old, p, <size_t>k)
@@ -389,7 +424,7 @@ cdef class ExecDecoder:
                     and pos + take == n
                     and <unsigned long long>take < self._remaining
                     and self._remaining <= <unsigned long long>self._hold_limit
-                    and (self._chan == 1 or self._chan == 2)
+                    and (self._chan == ROLE_OUT or self._chan == ROLE_ERR)
                 ):
                     # The read ends inside a small output frame: keep its bytes
                     # where they are and parse them again with the rest.
@@ -495,7 +530,7 @@ cdef class ExecDecoder:
             raise ExecProtocolError(
                 f"message of {self._msg_len} bytes exceeds the limit of {self._max_payload}"
             )
-        if self._chan == 3:
+        if self._chan >= ROLE_STATUS:
             self._check_status(length)
         self._fin = (b0 & 0x80) != 0
         self._msg_open = not self._fin
@@ -507,25 +542,44 @@ cdef class ExecDecoder:
         return 0
 
     cdef int _check_status(self, unsigned long long incoming) except -1:
-        if <unsigned long long>PyByteArray_GET_SIZE(self._status) + incoming > self._max_status:
+        cdef unsigned long long have = <unsigned long long>PyByteArray_GET_SIZE(self._status)
+        if self._chan == ROLE_PORT:
+            if have + incoming > 2:
+                raise ExecProtocolError(
+                    f"port-forward header on channel {self._raw_chan} is longer than 2 bytes"
+                )
+        elif have + incoming > self._max_status:
             raise ExecProtocolError(
                 f"status message exceeds the limit of {self._max_status} bytes"
             )
         return 0
 
     cdef int _set_channel(self, unsigned char chan) except -1:
-        self._chan = chan
-        if chan == 3:
-            # The rest of this frame is status data: bound it before buffering any.
+        cdef int role = self._roles[chan]
+        self._chan = role
+        self._raw_chan = chan
+        if role >= ROLE_STATUS:
+            # The rest of this frame is buffered: bound it before buffering any.
             self._check_status(self._remaining - 1)
-        elif chan != 1 and chan != 2:
+        elif role != ROLE_OUT and role != ROLE_ERR:
             self.unknown_frames += 1
+        return 0
+
+    cdef int _end_port_header(self) except -1:
+        cdef int chan = self._raw_chan
+        problem = port_header_error(chan, bytes(self._status), self.forward_port)
+        if problem is not None:
+            raise ExecProtocolError(problem)
+        PyByteArray_Resize(self._status, 0)
+        self._roles[chan] = FORWARD_ROLES_AFTER_HEADER[chan]
         return 0
 
     cdef int _end_data_frame(self) except -1:
         self._state = ST_HEADER
         if self._fin:
-            if self._chan == 3 and PyByteArray_GET_SIZE(self._status):
+            if self._chan == ROLE_PORT:
+                self._end_port_header()
+            elif self._chan == ROLE_STATUS and PyByteArray_GET_SIZE(self._status):
                 data = PyBytes_FromStringAndSize(
                     PyByteArray_AS_STRING(self._status), PyByteArray_GET_SIZE(self._status)
                 )

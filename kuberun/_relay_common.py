@@ -1,8 +1,9 @@
-"""Pieces of the exec relay codec that both implementations share.
+"""Pieces of the relay codec that both implementations share.
 
-Constants, the sink protocol, exec status decoding and the validation of the
-rarely used client frames live here in plain Python, so the Cython codec and
-its pure-Python twin cannot disagree about them.
+Constants, the sink protocols, exec status decoding, the channel layouts
+(exec and port-forward) and the validation of the rarely used client frames
+live here in plain Python, so the Cython codec and its pure-Python twin cannot
+disagree about them.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ __all__ = [
     "PROTOCOL_V1",
     "PROTOCOL_V4",
     "PROTOCOL_V5",
+    "ROLE_ERR",
+    "ROLE_IGNORE",
+    "ROLE_OUT",
+    "ROLE_PORT",
+    "ROLE_STATUS",
     "ExecSink",
+    "PortForwardSink",
+    "channel_roles",
+    "check_forward_port",
     "check_protocol",
     "close_payload",
     "control_payload",
     "decode_status",
+    "port_header_error",
     "resize_payload",
 ]
 
@@ -63,6 +73,80 @@ class ExecSink(Protocol):
 
     def on_close(self, code: int | None, reason: str) -> None:
         """The server sent a close frame (``code`` is None for an empty one)."""
+
+
+class PortForwardSink(Protocol):
+    """What the decoder calls in the port-forward layout (``forward_port`` set).
+
+    Views passed to ``on_data`` are valid only during the call.
+    """
+
+    def on_data(self, data: memoryview) -> None:
+        """A non-empty piece of the Pod-side connection's bytes (data channel 0)."""
+
+    def on_error(self, data: bytes) -> None:
+        """A complete, non-empty message on the error channel 1: the kubelet's
+        text saying why forwarding to the port failed."""
+
+    def on_ping(self, payload: bytes) -> None:
+        """The server pinged; answer with ``ExecEncoder.pong(payload)``."""
+
+    def on_close(self, code: int | None, reason: str) -> None:
+        """The server sent a close frame (``code`` is None for an empty one)."""
+
+
+# What the decoder does with a message, by its channel byte (a 256-entry table
+# per layout, so the hot path makes one lookup whatever the layout).
+#: Dropped and counted in ``unknown_frames``.
+ROLE_IGNORE = 0
+#: Streamed to ``on_stdout`` (exec channel 1; port-forward data channel 0).
+ROLE_OUT = 1
+#: Streamed to ``on_stderr`` (exec channel 2).
+ROLE_ERR = 2
+#: Buffered whole, bounded by ``max_status``, then handed to ``on_status``
+#: (exec channel 3; port-forward error channel 1).
+ROLE_STATUS = 3
+#: The port-forward header still expected on this channel: the first message
+#: must be exactly the port, uint16 little-endian; after it the channel takes
+#: its own role.
+ROLE_PORT = 4
+
+_EXEC_ROLES = bytes([ROLE_IGNORE, ROLE_OUT, ROLE_ERR, ROLE_STATUS] + [ROLE_IGNORE] * 252)
+#: Port-forward roles for port index 0 before the headers: both channels await one.
+_FORWARD_ROLES = bytes([ROLE_PORT, ROLE_PORT] + [ROLE_IGNORE] * 254)
+#: The roles channels 0 and 1 take once their header has arrived.
+FORWARD_ROLES_AFTER_HEADER = (ROLE_OUT, ROLE_STATUS)
+
+
+def channel_roles(forward_port: int | None) -> bytes:
+    """The channel-byte → role table of a layout: exec (``None``) or port-forward."""
+    return _EXEC_ROLES if forward_port is None else _FORWARD_ROLES
+
+
+def check_forward_port(forward_port: object, protocol: str) -> int | None:
+    """Validate the decoder's ``forward_port`` argument (None, or 1..65535 with
+    the ``v4.channel.k8s.io`` protocol, the only one a kubelet forwards with
+    that the codec speaks)."""
+    if forward_port is None:
+        return None
+    if not isinstance(forward_port, int) or isinstance(forward_port, bool):
+        raise ValueError(f"forward_port must be an integer 1..65535, got {forward_port!r}")
+    if not 1 <= forward_port <= 0xFFFF:
+        raise ValueError(f"forward_port must be an integer 1..65535, got {forward_port!r}")
+    if protocol != PROTOCOL_V4:
+        raise ValueError(f"port-forward speaks {PROTOCOL_V4}, not {protocol!r}")
+    return forward_port
+
+
+def port_header_error(channel: int, header: bytes, port: int) -> str | None:
+    """None if ``header`` (a channel's first message, channel byte excluded) names
+    ``port``, else the protocol error to raise."""
+    if len(header) == 2 and header[0] | header[1] << 8 == port:
+        return None
+    return (
+        f"port-forward header on channel {channel} is {header.hex() or 'empty'}, "
+        f"expected port {port} as {port.to_bytes(2, 'little').hex()}"
+    )
 
 
 def check_protocol(protocol: str) -> str:

@@ -1,4 +1,4 @@
-"""Kubernetes exec relay codec, pure-Python implementation.
+"""Kubernetes exec and port-forward relay codec, pure-Python implementation.
 
 The reference twin of the Cython module ``kuberun._relay``: same API, same
 observable behaviour (the same sink calls, up to how consecutive payload pieces
@@ -11,8 +11,9 @@ Frame format (RFC 6455 section 5.2), as sent by the API server::
     byte 0: FIN | RSV1-3 | opcode    byte 1: MASK | 7-bit length
     then a 16-bit (126) or 64-bit (127) big-endian length, then the payload.
 
-Each Kubernetes message starts with one channel byte: 1 stdout, 2 stderr,
-3 status; other channels are counted and dropped.
+Each Kubernetes message starts with one channel byte. Exec: 1 stdout, 2
+stderr, 3 status; other channels are counted and dropped. Port-forward (one
+port per WebSocket): 0 data, 1 error, each opened by a 2-byte port header.
 """
 
 from __future__ import annotations
@@ -24,14 +25,23 @@ from typing import Final
 from kuberun._relay_common import (
     DEFAULT_MAX_PAYLOAD,
     DEFAULT_MAX_STATUS,
+    FORWARD_ROLES_AFTER_HEADER,
     PROTOCOL_V1,
     PROTOCOL_V4,
     PROTOCOL_V5,
+    ROLE_ERR,
+    ROLE_OUT,
+    ROLE_PORT,
+    ROLE_STATUS,
     ExecSink,
+    PortForwardSink,
+    channel_roles,
+    check_forward_port,
     check_protocol,
     close_payload,
     control_payload,
     decode_status,
+    port_header_error,
     resize_payload,
 )
 from kuberun.errors import ExecProtocolError
@@ -91,18 +101,27 @@ class ExecDecoder:
     from then on (and also after a sink method raised) every call raises
     ``ExecProtocolError`` again. After a close frame the stream is over: more
     input bytes are a protocol error.
+
+    With ``forward_port`` set it decodes a ``pods/portforward`` stream of that
+    one port instead (protocol ``v4.channel.k8s.io``), calling a
+    :class:`PortForwardSink`: channel 0 is streamed to ``on_data`` like stdout,
+    channel 1 is buffered like a status and handed to ``on_error``, and the
+    first message on each of them must be the port's 2-byte header (anything
+    else is a protocol error). ``stdout_bytes`` then counts data bytes.
     """
 
     def __init__(
         self,
-        sink: ExecSink,
+        sink: ExecSink | PortForwardSink,
         protocol: str = PROTOCOL_V5,
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_status: int = DEFAULT_MAX_STATUS,
         buffer_size: int = 262144,
+        forward_port: int | None = None,
     ) -> None:
         self._protocol = check_protocol(protocol)
+        self._forward_port = check_forward_port(forward_port, protocol)
         for name, value, low in (
             ("max_payload", max_payload, 0),
             ("max_status", max_status, 0),
@@ -112,9 +131,16 @@ class ExecDecoder:
                 raise ValueError(f"{name} must be an integer in {low}..2**62, got {value!r}")
         self._max_payload = max_payload
         self._max_status = max_status
-        self._on_stdout = sink.on_stdout
-        self._on_stderr = sink.on_stderr
-        self._on_status = sink.on_status
+        if self._forward_port is None:
+            exec_sink: ExecSink = sink  # type: ignore[assignment]
+            self._on_stdout = exec_sink.on_stdout
+            self._on_stderr = exec_sink.on_stderr
+            self._on_status = exec_sink.on_status
+        else:
+            forward_sink: PortForwardSink = sink  # type: ignore[assignment]
+            self._on_stdout = self._on_stderr = forward_sink.on_data
+            self._on_status = forward_sink.on_error
+        self._roles = bytearray(channel_roles(self._forward_port))
         self._on_ping = sink.on_ping
         self._on_close = sink.on_close
         self._buf = bytearray(buffer_size)
@@ -130,7 +156,8 @@ class ExecDecoder:
         self._remaining = 0  # payload bytes of that frame not yet read
         self._fin = False  # FIN bit of the current data frame
         self._msg_open = False  # a fragmented data message awaits continuation frames
-        self._chan = -1  # channel of the current message; -1 until its first payload byte
+        self._chan = -1  # role of the current message; -1 until its first payload byte
+        self._raw_chan = 0  # its channel byte
         self._msg_len = 0  # payload bytes of the current message so far
         self._status = bytearray()
         self._ctrl = bytearray()
@@ -150,8 +177,13 @@ class ExecDecoder:
         return self._protocol
 
     @property
+    def forward_port(self) -> int | None:
+        """The forwarded port (port-forward layout), or None (exec layout)."""
+        return self._forward_port
+
+    @property
     def stdout_bytes(self) -> int:
-        """Stdout payload bytes delivered to the sink so far."""
+        """Stdout (port-forward: data) payload bytes delivered to the sink so far."""
         return self._stdout_bytes
 
     @property
@@ -161,7 +193,8 @@ class ExecDecoder:
 
     @property
     def unknown_frames(self) -> int:
-        """Messages on channels other than 1, 2 and 3 (ignored)."""
+        """Messages on channels the layout does not use (ignored): exec: not 1, 2
+        or 3; port-forward: not 0 or 1."""
         return self._unknown_frames
 
     @property
@@ -273,7 +306,7 @@ class ExecDecoder:
                     and take
                     and pos + take == end
                     and take < self._remaining <= self._hold_limit
-                    and self._chan in (1, 2)
+                    and self._chan in (ROLE_OUT, ROLE_ERR)
                 ):
                     # The read ends inside a small output frame: keep its bytes
                     # where they are and parse them again with the rest.
@@ -282,13 +315,13 @@ class ExecDecoder:
                     break
                 if take:
                     chan = self._chan
-                    if chan == 1:
+                    if chan == ROLE_OUT:
                         self._stdout_bytes += take
                         self._on_stdout(mv[pos : pos + take])
-                    elif chan == 2:
+                    elif chan == ROLE_ERR:
                         self._stderr_bytes += take
                         self._on_stderr(mv[pos : pos + take])
-                    elif chan == 3:
+                    elif chan >= ROLE_STATUS:
                         self._status += mv[pos : pos + take]
                     pos += take
                     self._remaining -= take
@@ -387,7 +420,7 @@ class ExecDecoder:
             raise self._fail(
                 f"message of {self._msg_len} bytes exceeds the limit of {self._max_payload}"
             )
-        if self._chan == 3:
+        if self._chan >= ROLE_STATUS:
             self._check_status(length)
         fin = bool(b0 & 0x80)
         self._fin = fin
@@ -399,26 +432,44 @@ class ExecDecoder:
             self._end_data_frame()
 
     def _check_status(self, incoming: int) -> None:
-        if len(self._status) + incoming > self._max_status:
+        if self._chan == ROLE_PORT:
+            if len(self._status) + incoming > 2:
+                raise self._fail(
+                    f"port-forward header on channel {self._raw_chan} is longer than 2 bytes"
+                )
+        elif len(self._status) + incoming > self._max_status:
             raise self._fail(f"status message exceeds the limit of {self._max_status} bytes")
 
     def _set_channel(self, chan: int) -> None:
-        self._chan = chan
-        if chan == 3:
-            # The rest of this frame is status data: bound it before buffering any.
+        role = self._roles[chan]
+        self._chan = role
+        self._raw_chan = chan
+        if role >= ROLE_STATUS:
+            # The rest of this frame is buffered: bound it before buffering any.
             self._check_status(self._remaining - 1)
-        elif chan != 1 and chan != 2:
+        elif role != ROLE_OUT and role != ROLE_ERR:
             self._unknown_frames += 1
 
     def _end_data_frame(self) -> None:
         self._state = _HEADER
         if self._fin:
-            if self._chan == 3 and self._status:
+            if self._chan == ROLE_PORT:
+                self._end_port_header()
+            elif self._chan == ROLE_STATUS and self._status:
                 data = bytes(self._status)
                 self._status.clear()
                 self._chan = -1
                 self._on_status(data)
             self._chan = -1
+
+    def _end_port_header(self) -> None:
+        chan = self._raw_chan
+        assert self._forward_port is not None
+        problem = port_header_error(chan, bytes(self._status), self._forward_port)
+        if problem is not None:
+            raise self._fail(problem)
+        self._status.clear()
+        self._roles[chan] = FORWARD_ROLES_AFTER_HEADER[chan]
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == _OP_PING:

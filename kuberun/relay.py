@@ -1,4 +1,4 @@
-"""The Kubernetes exec relay codec: picks the Cython or the pure-Python implementation.
+"""The Kubernetes exec and port-forward relay codec: the Cython or the pure-Python one.
 
 * ``KUBERUN_NO_EXTENSIONS=1`` forces the pure-Python twin.
 * ``KUBERUN_REQUIRE_EXTENSIONS=1`` makes a missing or broken extension an
@@ -18,7 +18,7 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Literal
 
-from kuberun._relay_common import ExecSink
+from kuberun._relay_common import ExecSink, PortForwardSink
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD",
@@ -30,6 +30,7 @@ __all__ = [
     "ExecDecoder",
     "ExecEncoder",
     "ExecSink",
+    "PortForwardSink",
     "decode_status",
 ]
 

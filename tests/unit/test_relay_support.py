@@ -89,11 +89,34 @@ class RecordingSink:
         self.events.append(("close", code, reason))
 
 
+class ForwardRecordingSink(RecordingSink):
+    """The port-forward sink: data pieces are recorded as ``data``, error messages as
+    ``error``; the exec-only methods must never be called."""
+
+    def on_data(self, data: memoryview) -> None:
+        assert isinstance(data, memoryview) and data.nbytes > 0, data
+        self.events.append(("data", bytes(data)))
+
+    def on_error(self, data: bytes) -> None:
+        assert type(data) is bytes and data
+        self.events.append(("error", data))
+
+    def on_stdout(self, data: memoryview) -> None:
+        raise AssertionError("on_stdout called in the port-forward layout")
+
+    def on_stderr(self, data: memoryview) -> None:
+        raise AssertionError("on_stderr called in the port-forward layout")
+
+    def on_status(self, data: bytes) -> None:
+        raise AssertionError("on_status called in the port-forward layout")
+
+
 def normalize(events: Iterable[Event]) -> list[Event]:
-    """Join consecutive stdout (or stderr) pieces: how pieces are grouped is not specified."""
+    """Join consecutive stdout (or stderr, or data) pieces: how pieces are grouped is
+    not specified."""
     out: list[Event] = []
     for ev in events:
-        if ev[0] in ("stdout", "stderr") and out and out[-1][0] == ev[0]:
+        if ev[0] in ("stdout", "stderr", "data") and out and out[-1][0] == ev[0]:
             out[-1] = (ev[0], out[-1][1] + ev[1])
         else:
             out.append(ev)
@@ -161,11 +184,19 @@ def run_decoder(
     via: str = "feed",
     protocol: str | None = None,
     limits: dict[str, int] | None = None,
+    forward_port: int | None = None,
 ) -> Outcome:
-    """Feed ``chunks`` to a fresh decoder (``via`` "feed" or "buffer") until the first error."""
-    sink = RecordingSink()
+    """Feed ``chunks`` to a fresh decoder (``via`` "feed" or "buffer") until the first error.
+
+    With ``forward_port``, the decoder is in the port-forward layout (protocol v4)."""
+    sink: RecordingSink = RecordingSink()
+    extra: dict[str, Any] = dict(limits or {})
+    if forward_port is not None:
+        sink = ForwardRecordingSink()
+        protocol = protocol or "v4.channel.k8s.io"
+        extra["forward_port"] = forward_port
     args = (sink,) if protocol is None else (sink, protocol)
-    dec = impl.ExecDecoder(*args, **(limits or {}))
+    dec = impl.ExecDecoder(*args, **extra)
     error: tuple[str, str] | None = None
     try:
         for chunk in chunks:
