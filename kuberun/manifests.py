@@ -34,6 +34,7 @@ __all__ = [
     "SIGNAL_NAMES",
     "annotation_value",
     "build_pod",
+    "dns_safe_username",
     "env_allowed",
     "exec_argv",
     "id_label_value",
@@ -43,6 +44,7 @@ __all__ = [
     "managed_selector",
     "pid_file_path",
     "sanitize_label_value",
+    "substitute_username",
     "valid_env_name",
     "wrap_command",
 ]
@@ -80,6 +82,12 @@ _LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _UNSAFE_RUN = re.compile(r"[^A-Za-z0-9_.-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DNS_SAFE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_NOT_DNS = re.compile(r"[^a-z0-9]+")
+#: Longest :func:`dns_safe_username`; leaves room for a name prefix within 63 characters.
+MAX_SAFE_USERNAME = 40
+#: What ``{username}`` in ``pod.metadata`` and ``pod.spec`` string values becomes.
+USERNAME_PLACEHOLDER = "{username}"
 _MAX_LABEL = 63
 #: Longest annotation value kuberun derives from client input.
 MAX_ANNOTATION = 1024
@@ -130,6 +138,43 @@ def id_label_value(value: str) -> str:
     base = _trim(_UNSAFE_RUN.sub("-", value))[: _MAX_LABEL - len(digest) - 1]
     base = _trim(base)
     return f"{base}-{digest}" if base else digest
+
+
+def dns_safe_username(username: str) -> str:
+    """The DNS-safe form of a username: a lowercase RFC 1123 label of at most 40 characters.
+
+    A username that already is one (and has no ``--``) is kept as it is. Any
+    other is lowercased, each run of other characters becomes ``-``, and
+    ``---`` plus 8 hex digits of its SHA-256 are appended: ``Jane.Doe`` becomes
+    ``jane-doe---`` followed by the hash. Kept forms never contain ``--`` and
+    hashed ones always do, so distinct usernames keep distinct forms (short of a
+    32-bit hash collision between two names that both needed hashing).
+    """
+    if (
+        _DNS_SAFE.fullmatch(username)
+        and "--" not in username
+        and len(username) <= MAX_SAFE_USERNAME
+    ):
+        return username
+    digest = hashlib.sha256(username.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    slug = _NOT_DNS.sub("-", username.lower()).strip("-")[: MAX_SAFE_USERNAME - 11].strip("-")
+    return f"{slug or 'u'}---{digest}"
+
+
+def substitute_username(value: Any, safe_username: str) -> Any:
+    """A deep copy of ``value`` with ``{username}`` replaced in every string value.
+
+    Only string values change: mapping keys, numbers and booleans are kept, and
+    nothing is parsed (no YAML, no shell, no format specs), so a username can
+    never add structure to the manifest.
+    """
+    if isinstance(value, str):
+        return value.replace(USERNAME_PLACEHOLDER, safe_username)
+    if isinstance(value, Mapping):
+        return {k: substitute_username(v, safe_username) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_username(v, safe_username) for v in value]
+    return copy.deepcopy(value)
 
 
 def annotation_value(value: str, limit: int = MAX_ANNOTATION) -> str:
@@ -205,7 +250,8 @@ def build_pod(
     """Build the Pod manifest for one connection (or one session in session mode).
 
     The template (``pod.metadata``, ``pod.spec``) is deep-copied, never
-    modified.  User labels and annotations are kept; kuberun adds
+    modified; ``{username}`` in its string values becomes
+    :func:`dns_safe_username` of ``username``.  User labels and annotations are kept; kuberun adds
     ``app.kubernetes.io/managed-by: kuberun``, ``kuberun.io/connection-id``,
     ``kuberun.io/session-id`` (if ``session_id``), ``kuberun.io/gateway`` (if
     ``gateway``) and a sanitised ``kuberun.io/username`` (omitted if nothing
@@ -218,8 +264,9 @@ def build_pod(
     :raises ConfigError: if the console container is not in the template.
     :raises ValueError: if ``owner`` lacks one of its four keys.
     """
-    metadata: dict[str, Any] = copy.deepcopy(dict(pod.metadata))
-    spec: dict[str, Any] = copy.deepcopy(dict(pod.spec))
+    safe_username = dns_safe_username(username)
+    metadata: dict[str, Any] = substitute_username(dict(pod.metadata), safe_username)
+    spec: dict[str, Any] = substitute_username(dict(pod.spec), safe_username)
 
     labels = dict(metadata.get("labels") or {})
     labels[LABEL_MANAGED_BY] = MANAGED_BY

@@ -24,6 +24,7 @@ from .events import EventRecorder
 from .execws import ExecHandler
 from .faults import Faults, RequestLog
 from .kubelet import Kubelet
+from .leases import LeaseRegistry
 from .pods import now_rfc3339
 from .registry import PodRegistry
 from .rest import Resources
@@ -90,6 +91,7 @@ class DevCluster:
         self.events = EventRecorder(self.store)
         self.kubelet = Kubelet(self.store, self.events, self.runtime, self.faults, "")
         self.registry = PodRegistry(self.store, self.kubelet)
+        self.leases = LeaseRegistry(self.store)
         self.exec_handler = ExecHandler(self)
         self.resources = Resources(self)
 
@@ -208,6 +210,10 @@ class DevCluster:
         """One Pod object (a copy), or None."""
         obj = self.store.get("pods", namespace, name)
         return copy.deepcopy(obj) if obj is not None else None
+
+    def lease_list(self, namespace: str | None = None) -> list[Obj]:
+        """Current Lease objects (copies), in one namespace or all."""
+        return [copy.deepcopy(x) for x in self.store.list("leases", namespace)]
 
     def event_list(self, namespace: str | None = None) -> list[Obj]:
         """Current Event objects (copies)."""

@@ -18,7 +18,14 @@ from .apierrors import go_json
 from .kubelet import NODE_LABELS
 from .pods import NODE_NAME, POD_IP
 
-__all__ = ["API_RESOURCES", "OPENAPI_V1", "namespace_object", "node_object", "version_info"]
+__all__ = [
+    "API_RESOURCES",
+    "OPENAPI_LEASES",
+    "OPENAPI_V1",
+    "namespace_object",
+    "node_object",
+    "version_info",
+]
 
 Obj = dict[str, Any]
 
@@ -94,13 +101,13 @@ _WRITE_PARAMS = [
 ]
 
 
-def _op(action: str, op_id: str, params: list[Obj]) -> Obj:
+def _op(action: str, op_id: str, params: list[Obj], gvk: Obj | None = None) -> Obj:
     return {
         "operationId": op_id,
         "parameters": params,
         "responses": {"200": {"description": "OK"}},
         "x-kubernetes-action": action,
-        "x-kubernetes-group-version-kind": _GVK,
+        "x-kubernetes-group-version-kind": gvk or _GVK,
     }
 
 
@@ -139,13 +146,55 @@ OPENAPI_V1: Obj = {
     "components": {"schemas": {}},
 }
 
+_LEASE_GVK = {"group": "coordination.k8s.io", "version": "v1", "kind": "Lease"}
+_LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+OPENAPI_LEASES: Obj = {
+    "openapi": "3.0.0",
+    "info": {"title": "Kubernetes", "version": KUBE_VERSION},
+    "paths": {
+        _LEASES: {
+            "parameters": OPENAPI_V1["paths"]["/api/v1/namespaces/{namespace}/pods"]["parameters"],
+            "get": _op("list", "listCoordinationV1NamespacedLease", [], _LEASE_GVK),
+            "post": _op("post", "createCoordinationV1NamespacedLease", _WRITE_PARAMS, _LEASE_GVK),
+        },
+        _LEASES + "/{name}": {
+            "parameters": OPENAPI_V1["paths"]["/api/v1/namespaces/{namespace}/pods/{name}"][
+                "parameters"
+            ],
+            "get": _op("get", "readCoordinationV1NamespacedLease", [], _LEASE_GVK),
+            "put": _op("put", "replaceCoordinationV1NamespacedLease", _WRITE_PARAMS, _LEASE_GVK),
+            "patch": _op(
+                "patch",
+                "patchCoordinationV1NamespacedLease",
+                [*_WRITE_PARAMS, _param("force", "boolean")],
+                _LEASE_GVK,
+            ),
+            "delete": _op(
+                "delete",
+                "deleteCoordinationV1NamespacedLease",
+                [_param("dryRun"), _param("gracePeriodSeconds", "integer")],
+                _LEASE_GVK,
+            ),
+        },
+    },
+    "components": {"schemas": {}},
+}
+
 OPENAPI_V1_HASH = hashlib.sha512(go_json(OPENAPI_V1)).hexdigest()[:128].upper()
+OPENAPI_LEASES_HASH = hashlib.sha512(go_json(OPENAPI_LEASES)).hexdigest()[:128].upper()
 
 
 def openapi_root() -> Obj:
     """``/openapi/v3``: where each group-version's document lives."""
     return {
-        "paths": {"api/v1": {"serverRelativeURL": f"/openapi/v3/api/v1?hash={OPENAPI_V1_HASH}"}}
+        "paths": {
+            "api/v1": {"serverRelativeURL": f"/openapi/v3/api/v1?hash={OPENAPI_V1_HASH}"},
+            "apis/coordination.k8s.io/v1": {
+                "serverRelativeURL": "/openapi/v3/apis/coordination.k8s.io/v1"
+                f"?hash={OPENAPI_LEASES_HASH}"
+            },
+        }
     }
 
 

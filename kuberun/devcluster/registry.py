@@ -90,10 +90,17 @@ class PodRegistry:
                 pod["metadata"]["name"] = generate_name(prefix)
             validate_pod(pod)
             new_name = pod["metadata"]["name"]
-            if self.store.get("pods", namespace, new_name) is None:
+            existing = self.store.get("pods", namespace, new_name)
+            if existing is None:
                 break
             if not generating:
-                raise already_exists("pods", new_name)
+                # The API server says so when the name is held by a Pod still terminating.
+                dying = (
+                    "object is being deleted: "
+                    if existing["metadata"].get("deletionTimestamp")
+                    else ""
+                )
+                raise already_exists("pods", new_name, f'{dying}pods "{new_name}" already exists')
         else:
             raise ApiError(
                 409,

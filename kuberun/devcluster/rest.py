@@ -26,6 +26,7 @@ from aiohttp import web
 from .apierrors import ApiError, bad_request, go_json, method_not_allowed, not_found
 from .discovery import namespace_object, node_object
 from .faults import RequestRecord
+from .leases import GROUP_VERSION
 from .patch import json_patch, merge_patch, strategic_merge_patch
 from .selectors import FieldSelector, LabelSelector, field_getter, parse_bool
 from .store import Delivery, Expired
@@ -40,8 +41,17 @@ LIST_KINDS = {
     "events": "EventList",
     "namespaces": "NamespaceList",
     "nodes": "NodeList",
+    "leases": "LeaseList",
 }
-KINDS = {"pods": "Pod", "events": "Event", "namespaces": "Namespace", "nodes": "Node"}
+KINDS = {
+    "pods": "Pod",
+    "events": "Event",
+    "namespaces": "Namespace",
+    "nodes": "Node",
+    "leases": "Lease",
+}
+#: The group/version of each resource outside the core group (``/apis/...``).
+API_GROUPS = {"leases": GROUP_VERSION}
 
 POD_FIELDS: dict[str, Callable[[Obj], str]] = {
     "metadata.name": field_getter("metadata", "name"),
@@ -92,6 +102,7 @@ class RequestInfo:
 
     resource_request: bool
     verb: str
+    group_version: str = "v1"
     resource: str = ""
     subresource: str = ""
     namespace: str = ""
@@ -102,9 +113,12 @@ class RequestInfo:
 def parse_request_info(method: str, path: str, query: Any) -> RequestInfo:
     """Classify a request like kube-apiserver does (used for routing, logs and faults)."""
     parts = [p for p in path.split("/") if p]
-    if len(parts) < 3 or parts[0] != "api" or parts[1] != "v1":
+    if len(parts) >= 3 and parts[0] == "api" and parts[1] == "v1":
+        group_version, rest = "v1", parts[2:]
+    elif len(parts) >= 4 and parts[0] == "apis":
+        group_version, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+    else:
         return RequestInfo(False, method.lower())
-    rest = parts[2:]
     watch_prefix = False
     if rest and rest[0] == "watch":
         watch_prefix = True
@@ -115,7 +129,7 @@ def parse_request_info(method: str, path: str, query: Any) -> RequestInfo:
         rest = rest[2:]
     if not rest:
         return RequestInfo(False, method.lower())
-    info = RequestInfo(True, "", resource=rest[0], namespace=namespace)
+    info = RequestInfo(True, "", group_version, resource=rest[0], namespace=namespace)
     if len(rest) > 1:
         info.name = rest[1]
     if len(rest) > 2:
@@ -216,9 +230,10 @@ class Resources:
         self.store = cluster.store
 
     async def dispatch(self, request: web.Request, info: RequestInfo) -> web.StreamResponse:
-        if info.extra:
+        if info.extra or API_GROUPS.get(info.resource, "v1") != info.group_version:
             raise _no_resource()
         handler = {
+            "leases": self._leases,
             "pods": self._pods,
             "events": self._events,
             "namespaces": self._namespaces,
@@ -290,22 +305,7 @@ class Resources:
             return json_response(pod, pretty=pretty, headers=_warnings(warnings))
         if verb == "patch":
             body = await read_body(request)
-            current = registry.get(ns, name)
-            ctype = request.content_type if request.headers.get("Content-Type") else ""
-            if ctype == "application/merge-patch+json":
-                patched = merge_patch(current, body)
-            elif ctype == "application/strategic-merge-patch+json":
-                patched = strategic_merge_patch(current, body)
-            elif ctype == "application/json-patch+json":
-                patched = json_patch(current, body)
-            else:
-                raise ApiError(
-                    415,
-                    "UnsupportedMediaType",
-                    "the body of the request was in an unknown format - accepted media types "
-                    "include: application/json-patch+json, application/merge-patch+json, "
-                    "application/strategic-merge-patch+json",
-                )
+            patched = _apply_patch(request, registry.get(ns, name), body)
             explicit_rv = isinstance(body, dict) and bool(
                 (body.get("metadata") or {}).get("resourceVersion")
             )
@@ -414,6 +414,46 @@ class Resources:
         await resp.write_eof()
         return resp
 
+    # ---- leases (coordination.k8s.io/v1) ------------------------------------------------
+    async def _leases(self, request: web.Request, info: RequestInfo) -> web.StreamResponse:
+        q = request.query
+        pretty = parse_bool(q.get("pretty"))
+        ns, name, verb = info.namespace, info.name, info.verb
+        leases = self.cluster.leases
+        if info.subresource:
+            raise _no_resource()
+        if verb in ("list", "watch"):
+            return await self._collection(request, info, "leases")
+        if not ns:
+            raise method_not_allowed()
+        dry_run = q.get("dryRun") == "All"
+        if verb == "create":
+            lease, warnings = leases.create(ns, await read_body(request), dry_run=dry_run)
+            request[RECORD_KEY].name = lease["metadata"]["name"]
+            return json_response(lease, 201, pretty=pretty, headers=_warnings(warnings))
+        if verb == "get":
+            return self._respond_object(request, "leases", leases.get(ns, name))
+        if verb == "update":
+            lease, warnings = leases.update(ns, name, await read_body(request), dry_run=dry_run)
+            return json_response(lease, pretty=pretty, headers=_warnings(warnings))
+        if verb == "patch":
+            patched = _apply_patch(request, leases.get(ns, name), await read_body(request))
+            lease, warnings = leases.update(ns, name, patched, dry_run=dry_run)
+            return json_response(lease, pretty=pretty, headers=_warnings(warnings))
+        if verb == "delete":
+            options = await self._delete_options(request)
+            return json_response(leases.delete(ns, name, options, dry_run=dry_run), pretty=pretty)
+        if verb == "deletecollection":
+            options = await self._delete_options(request)
+            selected = self._select(request, "leases", ns)
+            for lease in selected:
+                with contextlib.suppress(ApiError):
+                    leases.delete(ns, lease["metadata"]["name"], options, dry_run=dry_run)
+            return json_response(
+                self._list_body("leases", selected, {"resourceVersion": str(self.store.rv)})
+            )
+        raise method_not_allowed()
+
     # ---- events, namespaces, nodes ---------------------------------------------------
     async def _events(self, request: web.Request, info: RequestInfo) -> web.StreamResponse:
         if info.subresource:
@@ -471,7 +511,7 @@ class Resources:
     def _list_body(self, resource: str, items: list[Obj], meta: Obj) -> Obj:
         return {
             "kind": LIST_KINDS[resource],
-            "apiVersion": "v1",
+            "apiVersion": API_GROUPS.get(resource, "v1"),
             "metadata": meta,
             "items": [_list_item(i) for i in items],
         }
@@ -638,11 +678,33 @@ class Resources:
         return go_json({"type": delivery.type, "object": obj}) + b"\n"
 
 
+def _apply_patch(request: web.Request, current: Obj, body: Any) -> Any:
+    """``current`` with the request's patch applied, by its Content-Type (415 otherwise)."""
+    ctype = request.content_type if request.headers.get("Content-Type") else ""
+    if ctype == "application/merge-patch+json":
+        return merge_patch(current, body)
+    if ctype == "application/strategic-merge-patch+json":
+        return strategic_merge_patch(current, body)
+    if ctype == "application/json-patch+json":
+        return json_patch(current, body)
+    raise ApiError(
+        415,
+        "UnsupportedMediaType",
+        "the body of the request was in an unknown format - accepted media types "
+        "include: application/json-patch+json, application/merge-patch+json, "
+        "application/strategic-merge-patch+json",
+    )
+
+
 def _bookmark(resource: str, rv: int, initial_end: bool = False) -> Obj:
     meta: Obj = {"resourceVersion": str(rv)}
     if initial_end:
         meta["annotations"] = {"k8s.io/initial-events-end": "true"}
-    obj: Obj = {"kind": KINDS.get(resource, ""), "apiVersion": "v1", "metadata": meta}
+    obj: Obj = {
+        "kind": KINDS.get(resource, ""),
+        "apiVersion": API_GROUPS.get(resource, "v1"),
+        "metadata": meta,
+    }
     if resource == "pods":
         obj["spec"] = {"containers": None}
         obj["status"] = {}

@@ -18,9 +18,10 @@ from typing import Any
 from aiohttp import web
 
 from .apierrors import ApiError, bad_request, internal_error, unauthorized
-from .discovery import API_RESOURCES, OPENAPI_V1, openapi_root, version_info
+from .discovery import API_RESOURCES, OPENAPI_LEASES, OPENAPI_V1, openapi_root, version_info
 from .execws import bearer_from_protocols
 from .faults import RequestRecord, plain_status
+from .leases import GROUP, GROUP_VERSION, LEASE_RESOURCES, lease_group
 from .rest import RECORD_KEY, json_response, parse_request_info, read_body
 
 __all__ = ["build_app"]
@@ -169,11 +170,19 @@ class Frontend:
         if path == "/api/v1":
             return json_response(API_RESOURCES)
         if path == "/apis":
-            return json_response({"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+            return json_response(
+                {"kind": "APIGroupList", "apiVersion": "v1", "groups": [lease_group()]}
+            )
+        if path == f"/apis/{GROUP}":
+            return json_response({"kind": "APIGroup", "apiVersion": "v1", **lease_group()})
+        if path == f"/apis/{GROUP_VERSION}":
+            return json_response(LEASE_RESOURCES)
         if path == "/openapi/v3":
             return json_response(openapi_root())
         if path == "/openapi/v3/api/v1":
             return json_response(OPENAPI_V1)
+        if path == f"/openapi/v3/apis/{GROUP_VERSION}":
+            return json_response(OPENAPI_LEASES)
         if path.startswith(("/api/", "/apis/")):
             raise ApiError(404, "NotFound", "the server could not find the requested resource", {})
         return _text_404()

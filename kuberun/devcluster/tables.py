@@ -284,11 +284,25 @@ def _node_row(node: Obj) -> list[Any]:
     ]
 
 
+LEASE_COLUMNS = [
+    _col("Name", "Name must be unique within a namespace.", fmt="name"),
+    _col("Holder", "holderIdentity contains the identity of the holder of a current lease."),
+    _col("Age", _CREATED),
+]
+
+
+def _lease_row(lease: Obj) -> list[Any]:
+    meta = lease.get("metadata") or {}
+    holder = (lease.get("spec") or {}).get("holderIdentity") or ""
+    return [meta.get("name", ""), holder, _age(meta.get("creationTimestamp"))]
+
+
 PRINTERS: dict[str, tuple[list[Obj], Callable[[Obj], list[Any]]]] = {
     "pods": (POD_COLUMNS, _pod_row),
     "events": (EVENT_COLUMNS, _event_row),
     "namespaces": (NAMESPACE_COLUMNS, _namespace_row),
     "nodes": (NODE_COLUMNS, _node_row),
+    "leases": (LEASE_COLUMNS, _lease_row),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from kuberun.manifests import (
     MANAGED_BY,
     SIGNAL_NAMES,
     build_pod,
+    dns_safe_username,
     env_allowed,
     exec_argv,
     id_label_value,
@@ -337,6 +339,93 @@ def test_hostile_username_and_connection_id_stay_valid() -> None:
     labels = pod["metadata"]["labels"]
     assert all(is_valid_label_value(v) for v in labels.values())
     assert labels[LABEL_CONNECTION_ID] == id_label_value("x,y=z")
+
+
+@pytest.mark.parametrize(
+    ("username", "kept"),
+    [("alice", True), ("a1-b2", True), ("9lives", True), ("x" * 40, True)],
+)
+def test_dns_safe_username_keeps_valid_names(username: str, kept: bool) -> None:
+    assert (dns_safe_username(username) == username) is kept
+
+
+@pytest.mark.parametrize(
+    ("username", "slug"),
+    [
+        ("Alice", "alice"),
+        ("jane.doe@example.org", "jane-doe-example-org"),
+        ("a--b", "a-b"),
+        ("-x-", "x"),
+        ("@@@", "u"),
+        ("", "u"),
+        ("x" * 41, "x" * 29),
+        ("名前", "u"),
+    ],
+)
+def test_dns_safe_username_hashes_the_others(username: str, slug: str) -> None:
+    safe = dns_safe_username(username)
+    assert safe.startswith(slug + "---")
+    assert len(safe) == len(slug) + 11 and len(safe) <= 40
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", safe)
+
+
+@given(st.text(max_size=80), st.text(max_size=80))
+def test_dns_safe_username_is_a_valid_label_and_keeps_names_apart(a: str, b: str) -> None:
+    safe_a, safe_b = dns_safe_username(a), dns_safe_username(b)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", safe_a) and len(safe_a) <= 40
+    if a != b:
+        assert safe_a != safe_b
+
+
+def test_username_placeholder_in_string_values_only() -> None:
+    cfg = config_from_dict(
+        {
+            "pod": {
+                "metadata": {
+                    "generateName": "ws-{username}-",
+                    "labels": {"owner": "{username}", "{username}": "key-kept"},
+                    "annotations": {"literal": "{user} {{username}} {username!r}"},
+                },
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "shell",
+                            "image": "img",
+                            "env": [{"name": "HOME_CLAIM", "value": "home-{username}"}],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "home", "persistentVolumeClaim": {"claimName": "home-{username}"}}
+                    ],
+                    "terminationGracePeriodSeconds": 5,
+                    "nodeSelector": {"pool": "{username}"},
+                },
+            }
+        }
+    ).pod
+    pod = build_pod(cfg, connection_id="c", username="Jane.Doe")
+    safe = dns_safe_username("Jane.Doe")
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["generateName"] == f"ws-{safe}-"
+    assert meta["labels"]["owner"] == safe
+    assert meta["labels"]["{username}"] == "key-kept"  # keys are never substituted
+    # Only the exact placeholder: no format specs, no escapes, nothing parsed.
+    assert meta["annotations"]["literal"] == "{user} {" + safe + "} {username!r}"
+    assert spec["containers"][0]["env"] == [{"name": "HOME_CLAIM", "value": f"home-{safe}"}]
+    assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == f"home-{safe}"
+    assert spec["terminationGracePeriodSeconds"] == 5
+    assert spec["nodeSelector"] == {"pool": safe}
+    # The raw username still goes only in the annotation kuberun writes.
+    assert meta["annotations"][ANNOTATION_USERNAME] == "Jane.Doe"
+    assert "{username}" in json.dumps(cfg.spec)  # the template itself is not modified
+
+
+def test_username_placeholder_cannot_inject_structure() -> None:
+    cfg = config_from_dict({"pod": {"metadata": {"name": "ws-{username}"}}}).pod
+    for hostile in ('a", "b": "c', "x\nkind: Secret", "$(rm -rf /)", "{username}"):
+        pod = build_pod(cfg, connection_id="c", username=hostile)
+        name = pod["metadata"]["name"]
+        assert re.fullmatch(r"ws-[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
 
 
 def test_build_pod_without_console_container() -> None:
