@@ -320,27 +320,47 @@ def build_pod(
 # Commands run through exec
 
 # $0 is "kuberun"; $1 the PID file or ""; then NAME=value words; then "--";
-# then the program's argv.  The script keeps no variables of its own, so an
-# exported name (even "n", "p" or "IFS") cannot change what it does next;
-# "--" cannot be an env word, which always holds "=".  `export "$1"` hands the
-# word to the builtin after expansion, so the value is taken literally, never
-# re-read as shell code.  The PID file is written before `exec`, so it holds
-# the PID the program runs under; failing to write it is not fatal (signal
-# delivery then fails on its own; the session still works).
+# then the program's argv.  The script keeps no variables of its own (only
+# functions and positional parameters), so an exported name (even "n", "p" or
+# "IFS") cannot change what it does next; "--" cannot be an env word, which
+# always holds "=".  `export "$1"` hands the word to the builtin after
+# expansion, so the value is taken literally, never re-read as shell code.
+#
+# Signals go to the program's process group, so they also reach what it
+# starts (`sh -c 'a; b'`: dash does not exec a lone command, and the program
+# may start children of its own).  The PID file holds "-PGID" when the program
+# leads its own group, the bare PID when it cannot:
+# - the exec already leads its group (`kill -0 -$$` finds a group with our
+#   PID): runc, crun and devcluster start every exec in a new session, and a
+#   pty always gets one.  The program is exec'd and keeps that PID.
+# - otherwise, without a terminal, a shell whose job control works without one
+#   (bash, ksh, zsh as /bin/sh) runs the program as a job, which gets a group
+#   of its own; the shell waits and exits with its status.  dash and BusyBox
+#   refuse `set -m` without a terminal: the program is exec'd and only it is
+#   signalled.  (With a terminal a job would not be in the foreground.)
+# The PID file is written before `exec` (after `&` for a job); failing to
+# write it is not fatal (signal delivery then fails on its own; the session
+# still works).  POSIX kill wants "--" before a negative PID, which BusyBox's
+# kill refuses; the XSI `kill -SIG -PID` form works in all of them.
 _WRAPPER = (
-    'if [ -n "$1" ]; then { echo "$$" > "$1"; } 2>/dev/null; fi; shift; '
-    'while [ "$1" != -- ]; do export "$1"; shift; done; shift; '
-    'exec "$@"'
+    'run() { while [ "$1" != -- ]; do export "$1"; shift; done; shift; exec "$@"; }; '
+    'job() { shift; run "$@"; }; '
+    'if [ -z "$1" ]; then shift; run "$@"; fi; '
+    'if kill -0 "-$$" 2>/dev/null; then { echo "-$$" > "$1"; } 2>/dev/null; shift; run "$@"; fi; '
+    "if [ ! -t 0 ] && [ ! -t 1 ] && [ ! -t 2 ]; then set -m 2>/dev/null; fi; "
+    'case $- in *m*) ;; *) { echo "$$" > "$1"; } 2>/dev/null; shift; run "$@";; esac; '
+    'job "$@" & { echo "-$!" > "$1"; } 2>/dev/null; wait "$!"'
 )
 
 # $1 the signal name (checked against SIGNAL_NAMES first), $2 the PID file.
 # Only builtins: `read` instead of `cat`, so nothing but sh is needed.  The
-# PID must be digits without a leading zero and not 1: "-1", "0" or "1" in a
-# tampered file would otherwise signal every process or the idle command.
+# file holds a PID or "-" and a process group id; digits without a leading
+# zero and never 1: "-1", "0" or "1" in a tampered file would otherwise
+# signal every process or the idle command's group.
 _KILLER = (
     'read -r pid < "$2" || exit 1; '
-    'case $pid in ""|*[!0-9]*|0*|1) exit 1;; esac; '
-    'kill -s "$1" "$pid"'
+    'case $pid in ""|-|*[!0-9-]*|?*-*|0*|-0*|1|-1) exit 1;; esac; '
+    'kill -"$1" "$pid"'
 )
 
 
@@ -375,13 +395,16 @@ def exec_argv(command: str) -> list[str]:
 def wrap_command(
     argv: Sequence[str], *, env: Mapping[str, str] | None = None, pid_file: str | None = None
 ) -> list[str]:
-    """Wrap ``argv`` so that ``env`` is exported and its PID written to ``pid_file``.
+    """Wrap ``argv`` so that ``env`` is exported and its process group recorded in ``pid_file``.
 
     The result is ``["/bin/sh", "-c", SCRIPT, "kuberun", PID_FILE_OR_EMPTY,
-    "NAME=value", ..., "--", *argv]``: the script records ``$$``, exports each
-    word with ``export "$1"`` and ``exec``-s the program, which thus keeps
-    the recorded PID.  Values are data, never code.  With no env
-    and no PID file, ``argv`` is returned unchanged.
+    "NAME=value", ..., "--", *argv]``: the script exports each word with
+    ``export "$1"`` and ``exec``-s the program.  ``pid_file`` gets ``-PGID``
+    when the program leads its own process group (the exec already does, or
+    the shell's job control gives the program a group of its own), the bare
+    PID where neither is possible (dash or BusyBox without a terminal, in an
+    exec that is not a group leader).  Values are data, never code.  With no
+    env and no PID file, ``argv`` is returned unchanged.
 
     :raises ValueError: for an empty argv, an invalid variable name, or a
         NUL character anywhere (argv strings cannot carry one).
@@ -424,13 +447,14 @@ def pid_file_path(pid_dir: str, connection_id: str, channel_id: str) -> str:
 
 
 def kill_argv(signal_name: str, pid_file: str) -> list[str]:
-    """The argv of an exec that sends ``signal_name`` to the PID in ``pid_file``.
+    """The argv of an exec that sends ``signal_name`` to what :func:`wrap_command`
+    recorded in ``pid_file``: the program's process group, or its PID alone.
 
     ``signal_name`` is an RFC 4254 name without ``SIG`` (``"TERM"``,
     ``"USR1"``, see :data:`SIGNAL_NAMES`).  Both values reach ``sh`` as
     positional arguments, never as script text.  The exec exits 0 when the
     signal was sent, non-zero when the file is missing or does not hold a
-    plausible PID, or the process is gone.
+    plausible PID or group, or the process (group) is gone.
 
     :raises ValueError: for a signal name outside :data:`SIGNAL_NAMES`.
     """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages kuberun's tests and demo use, if any is missing:
 # OpenSSH clients and rsync judge the gateway; sftp-server runs inside devcluster Pods;
-# gcc builds the Cython relay.
+# gcc builds the Cython relay; BusyBox sh is one of the shells the sh wrappers are tested with.
 set -euo pipefail
 
 missing=()
@@ -11,6 +11,7 @@ command -v scp >/dev/null 2>&1 || missing+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 command -v ps >/dev/null 2>&1 || missing+=(procps)
+command -v busybox >/dev/null 2>&1 || missing+=(busybox)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

@@ -614,24 +614,122 @@ def test_argv_after_env_is_passed_verbatim(shell: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("shell", SHELLS)
-def test_pid_file_holds_the_programs_pid(shell: str, tmp_path: Path) -> None:
+def test_pid_file_holds_the_programs_group(shell: str, tmp_path: Path) -> None:
+    # Run as an exec is by runc, crun and devcluster: in a session of its own.
     pid_file = tmp_path / "p.pid"
     argv = wrap_command(["/bin/sh", "-c", "echo $$"], pid_file=str(pid_file))
-    result = run(shell_argv(shell, argv))
+    result = run(shell_argv(shell, argv), start_new_session=True)
     assert result.returncode == 0, result.stderr
-    assert pid_file.read_text() == result.stdout.decode()
+    assert pid_file.read_text() == "-" + result.stdout.decode()
     assert int(result.stdout) > 1
 
 
 def test_pid_file_matches_the_process_id(tmp_path: Path) -> None:
     pid_file = tmp_path / "p.pid"
     argv = wrap_command(["sleep", "30"], env={"A": "1"}, pid_file=str(pid_file))
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, start_new_session=True)
     try:
         wait_for(pid_file.exists)
         wait_for(lambda: pid_file.read_text().endswith("\n"))
-        assert int(pid_file.read_text()) == proc.pid
+        assert pid_file.read_text() == f"-{proc.pid}\n"
     finally:
+        proc.kill()
+        proc.wait()
+
+
+#: Shells whose job control needs a terminal: in an exec that does not lead its
+#: process group they can only record the program's PID.
+NO_JOB_CONTROL_WITHOUT_TTY = ("dash", "busybox")
+
+
+def process_group(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[2])
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts: it runs no more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_not_a_group_leader_gets_a_group_where_the_shell_can(shell: str, tmp_path: Path) -> None:
+    # An exec that shares its parent's process group, without a terminal.
+    pid_file = tmp_path / "p.pid"
+    out = tmp_path / "out"
+    argv = wrap_command(
+        ["/bin/sh", "-c", 'echo $$ > "$0"; read x; echo "$x"', str(out)],
+        env={"A": "1"},
+        pid_file=str(pid_file),
+    )
+    proc = subprocess.Popen(
+        shell_argv(shell, argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: out.exists() and out.read_text().endswith("\n"))
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"))
+        program = int(out.read_text())
+        recorded = pid_file.read_text().strip()
+        if os.path.basename(shell) in NO_JOB_CONTROL_WITHOUT_TTY:
+            assert recorded == str(proc.pid) == str(program)
+        else:
+            # The program runs as a job in a group of its own; stdin still reaches it.
+            assert recorded == f"-{program}"
+            assert program != proc.pid and process_group(program) == program
+            assert process_group(proc.pid) == os.getpgrp()
+        stdout, stderr = proc.communicate(b"typed\n", timeout=10)
+        assert (proc.returncode, stdout, stderr) == (0, b"typed\n", b"")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize("leader", [True, False], ids=["own-session", "shared-group"])
+@pytest.mark.parametrize(
+    "program",
+    ['sleep 30 & echo $! > "$0"; wait', 'sh -c \'echo $$ > "$0"; exec sleep 30\' "$0"; echo after'],
+    ids=["background-job", "child-then-more"],
+)
+def test_signals_reach_what_the_program_started(
+    shell: str, leader: bool, program: str, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "p.pid"
+    child_file = tmp_path / "child"
+    argv = wrap_command(["/bin/sh", "-c", program, str(child_file)], pid_file=str(pid_file))
+    proc = subprocess.Popen(
+        shell_argv(shell, argv), stdout=subprocess.PIPE, start_new_session=leader
+    )
+    try:
+        wait_for(lambda: child_file.exists() and child_file.read_text().endswith("\n"))
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"))
+        child = int(child_file.read_text())
+        result = run(shell_argv(shell, kill_argv("TERM", str(pid_file))))
+        assert result.returncode == 0, result.stderr
+        if not leader and os.path.basename(shell) in NO_JOB_CONTROL_WITHOUT_TTY:
+            # Documented limit: only the program itself is signalled.
+            assert proc.wait(timeout=10) == -signal.SIGTERM
+            assert not gone(child)
+            os.kill(child, signal.SIGKILL)
+            return
+        status = proc.wait(timeout=10)
+        # Killed by the signal when exec'd; a job's status (128+N) through the shell.
+        assert status in (-signal.SIGTERM, 128 + signal.SIGTERM)
+        assert proc.stdout is not None and proc.stdout.read() == b""  # no "after"
+        wait_for(lambda: gone(child))
+    finally:
+        if leader:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.kill()
         proc.wait()
 
@@ -710,7 +808,9 @@ def test_signal_names_are_rfc4254s() -> None:
 @pytest.mark.parametrize("name", ["TERM", "USR1", "INT", "KILL", "HUP"])
 def test_kill_delivers_the_signal(shell: str, name: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "p.pid"
-    proc = subprocess.Popen(wrap_command(["sleep", "30"], pid_file=str(pid_file)))
+    proc = subprocess.Popen(
+        wrap_command(["sleep", "30"], pid_file=str(pid_file)), start_new_session=True
+    )
     try:
         wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"))
         result = run(shell_argv(shell, kill_argv(name, str(pid_file))))
@@ -728,7 +828,26 @@ def spy_kill(argv: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("shell", SHELLS)
 @pytest.mark.parametrize(
-    "content", ["-1\n", "0\n", "1\n", "01\n", "\n", "", "12 34\n", "$(id)\n", "-9 1\n", "1e3\n"]
+    "content",
+    [
+        "-1\n",
+        "0\n",
+        "1\n",
+        "01\n",
+        "\n",
+        "",
+        "12 34\n",
+        "$(id)\n",
+        "-9 1\n",
+        "1e3\n",
+        "-\n",
+        "-0\n",
+        "-012\n",
+        "--12\n",
+        "12-\n",
+        "1-2\n",
+        "-l\n",
+    ],
 )
 def test_kill_refuses_implausible_pids(shell: str, content: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "p.pid"
@@ -743,7 +862,10 @@ def test_kill_passes_a_plausible_pid(shell: str, tmp_path: Path) -> None:
     pid_file = tmp_path / "p.pid"
     pid_file.write_text("4242\n")
     result = run(shell_argv(shell, spy_kill(kill_argv("USR1", str(pid_file)))))
-    assert result.stdout == b"KILL -s USR1 4242\n"
+    assert result.stdout == b"KILL -USR1 4242\n"
+    pid_file.write_text("-4242\n")
+    result = run(shell_argv(shell, spy_kill(kill_argv("TERM", str(pid_file)))))
+    assert result.stdout == b"KILL -TERM -4242\n"
 
 
 def test_kill_with_missing_pid_file_fails_quietly_enough(tmp_path: Path) -> None:
