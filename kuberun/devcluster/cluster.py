@@ -26,6 +26,7 @@ from .faults import Faults, RequestLog
 from .kubelet import Kubelet
 from .leases import LeaseRegistry
 from .pods import now_rfc3339
+from .portforward import PortForwardHandler
 from .registry import PodRegistry
 from .rest import Resources
 from .runtime import Runtime
@@ -93,6 +94,7 @@ class DevCluster:
         self.registry = PodRegistry(self.store, self.kubelet)
         self.leases = LeaseRegistry(self.store)
         self.exec_handler = ExecHandler(self)
+        self.portforward_handler = PortForwardHandler(self)
         self.resources = Resources(self)
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -140,6 +142,7 @@ class DevCluster:
         await self.kubelet.shutdown()
         await self.runtime.stop_all(grace=1.0)
         self.exec_handler.abort_all()
+        self.portforward_handler.abort_all()
         runner, self._runner = self._runner, None
         await runner.cleanup()
         if self._own_workdir:

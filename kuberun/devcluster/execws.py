@@ -22,6 +22,7 @@ import pty
 import secrets
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,6 +174,52 @@ def _text(status: int, body: str, headers: dict[str, str] | None = None) -> web.
     return resp
 
 
+async def accept_websocket(request: web.Request, protocol: str) -> web.WebSocketResponse:
+    """Switch protocols to ``protocol`` (``""``: none), as the CRI streaming server does."""
+    ws = web.WebSocketResponse(
+        protocols=(protocol,) if protocol else (),
+        timeout=0,  # never wait for the client's Close reply (spec §2.1)
+        autoclose=True,
+        autoping=True,
+        compress=False,
+        max_msg_size=MAX_MESSAGE,
+        decode_text=False,
+    )
+    await ws.prepare(request)
+    return ws
+
+
+async def close_websocket(request: web.Request, ws: web.WebSocketResponse) -> None:
+    """Close 1000, then TCP close without waiting for the client's Close."""
+    with contextlib.suppress(Exception):
+        await ws.close(code=1000)
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+def upgrade_refusal(request: web.Request) -> web.Response | None:
+    """The kubelet's answer to a streaming request that is no valid WebSocket
+    upgrade (None: it is one). Not an upgrade at all raises 400."""
+    headers = request.headers
+    upgrade = headers.get("Upgrade", "").lower()
+    is_ws = upgrade == "websocket" and "upgrade" in headers.get("Connection", "").lower()
+    if not is_ws:
+        raise bad_request("Upgrade request required")
+    if request.method != "GET":
+        return _text(405, "bad method")
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return _text(400, "missing or bad WebSocket Version", {"Sec-WebSocket-Version": "13"})
+    key = headers.get("Sec-WebSocket-Key", "")
+    try:
+        key_ok = len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        key_ok = False
+    if not key_ok:
+        return _text(400, "mismatch challenge/response")
+    return None
+
+
 def resolve_container(pod: dict[str, Any], wanted: str | None) -> str:
     """The container name the request targets (the API server's ``validateContainer``)."""
     spec = pod.get("spec") or {}
@@ -210,24 +257,11 @@ class ExecHandler:
         container = resolve_container(pod, opts.container)
         if not (pod.get("spec") or {}).get("nodeName"):
             raise bad_request(f"pod {name} does not have a host assigned")
-        headers = request.headers
-        upgrade = headers.get("Upgrade", "").lower()
-        is_ws = upgrade == "websocket" and "upgrade" in headers.get("Connection", "").lower()
-        if not is_ws:
-            raise bad_request("Upgrade request required")
-        if request.method != "GET":
-            return _text(405, "bad method")
-        if headers.get("Sec-WebSocket-Version") != "13":
-            return _text(400, "missing or bad WebSocket Version", {"Sec-WebSocket-Version": "13"})
-        key = headers.get("Sec-WebSocket-Key", "")
-        try:
-            key_ok = len(base64.b64decode(key, validate=True)) == 16
-        except (binascii.Error, ValueError):
-            key_ok = False
-        if not key_ok:
-            return _text(400, "mismatch challenge/response")
+        refusal = upgrade_refusal(request)
+        if refusal is not None:
+            return refusal
         # Only the first header line counts, as with Go's Header.Get.
-        protocol = negotiate(headers.getone("Sec-WebSocket-Protocol", None))
+        protocol = negotiate(request.headers.getone("Sec-WebSocket-Protocol", None))
         if protocol is None:
             return web.Response(status=403)
         v5 = protocol == V5
@@ -245,16 +279,7 @@ class ExecHandler:
         if problem is not None and not v5:
             # The CRI server refuses before upgrading, in plain text.
             return _text(problem[0], problem[1])
-        ws = web.WebSocketResponse(
-            protocols=(protocol,) if protocol else (),
-            timeout=0,  # never wait for the client's Close reply (spec §2.1)
-            autoclose=True,
-            autoping=True,
-            compress=False,
-            max_msg_size=MAX_MESSAGE,
-            decode_text=False,
-        )
-        await ws.prepare(request)
+        ws = await accept_websocket(request, protocol)
         session = ExecSession(self, request, ws, protocol, opts, namespace, name)
         self.sessions.add(session)
         try:
@@ -349,11 +374,7 @@ class ExecSession:
 
     async def finish(self) -> None:
         """Close 1000, then TCP close without waiting for the client's Close."""
-        with contextlib.suppress(Exception):
-            await self.ws.close(code=1000)
-        transport = self.request.transport
-        if transport is not None:
-            transport.close()
+        await close_websocket(self.request, self.ws)
 
     def abort(self) -> None:
         """Drop the connection without a Close frame (a lost stream)."""
@@ -566,43 +587,10 @@ class ExecSession:
                 await self.send(channel, view[offset : offset + MAX_DATA])
 
     async def _pump_bulk(self, reader: FdReader, channel: int) -> None:
-        """Bulk output: the process's bytes are read straight into ready-made messages.
-
-        A scatter read fills up to :data:`SLOTS` message slots at once (the pipe holds
-        up to 1 MiB); each slot is header + channel byte + data, exactly two TLS
-        records long, so a client decrypts whole records per message. The batch goes
-        out in one transport write (aiohttp's writer would make two TLS writes per
-        message). Handshake, input, pings and close stay with aiohttp's server.
-        """
-        protocol = self.request.protocol
-        while True:
-            buf = bytearray(SLOT * SLOTS)  # fresh each time: the transport may keep views
-            view = memoryview(buf)
-            n = await reader.readv([view[i * SLOT + 5 : (i + 1) * SLOT] for i in range(SLOTS)])
-            if n == 0:
-                return
-            transport = self.request.transport
-            if transport is None or transport.is_closing() or self.ws.closed:
-                raise ConnectionResetError("exec client went away")
+        def count(n: int) -> None:
             self.sent += n
-            # Full slots are back-to-back messages; a short last one follows them
-            # directly when it needs the 16-bit length form, so one write usually does.
-            full, rest = divmod(n, BULK_DATA)
-            for i in range(full):
-                _HEAD16.pack_into(buf, i * SLOT, 0x82, 126, SLOT - 4, channel)
-            end = full * SLOT
-            if rest + 1 >= 126:
-                _HEAD16.pack_into(buf, end, 0x82, 126, rest + 1, channel)
-                transport.write(view[: end + 5 + rest])
-            elif rest:
-                _HEAD7.pack_into(buf, end + 2, 0x82, rest + 1, channel)
-                transport.writelines([view[:end], view[end + 2 : end + 5 + rest]])
-            else:
-                transport.write(view[:end])
-            if protocol.writing_paused:
-                # Wait until the socket drains: a slow reader slows the process down
-                # instead of growing our buffers.
-                await protocol._drain_helper()
+
+        await pump_bulk(self.request, self.ws, reader, channel, count)
 
     async def _input(self) -> None:
         while True:
@@ -698,6 +686,54 @@ class ExecSession:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+
+
+async def pump_bulk(
+    request: web.Request,
+    ws: web.WebSocketResponse,
+    reader: FdReader,
+    channel: int,
+    count: Callable[[int], None],
+) -> None:
+    """Bulk output: ``reader``'s bytes go straight into ready-made binary messages on
+    ``channel`` until EOF (``count`` hears each batch's size).
+
+    A scatter read fills up to :data:`SLOTS` message slots at once (a pipe holds
+    up to 1 MiB); each slot is header + channel byte + data, exactly two TLS
+    records long, so a client decrypts whole records per message. The batch goes
+    out in one transport write (aiohttp's writer would make two TLS writes per
+    message). Handshake, input, pings and close stay with aiohttp's server.
+    """
+    protocol = request.protocol
+    assert protocol is not None
+    while True:
+        buf = bytearray(SLOT * SLOTS)  # fresh each time: the transport may keep views
+        view = memoryview(buf)
+        n = await reader.readv([view[i * SLOT + 5 : (i + 1) * SLOT] for i in range(SLOTS)])
+        if n == 0:
+            return
+        transport = request.transport
+        if transport is None or transport.is_closing() or ws.closed:
+            raise ConnectionResetError("the WebSocket client went away")
+        count(n)
+        # Full slots are back-to-back messages; a short last one follows them
+        # directly when it needs the 16-bit length form, so one write usually does.
+        full, rest = divmod(n, BULK_DATA)
+        for i in range(full):
+            _HEAD16.pack_into(buf, i * SLOT, 0x82, 126, SLOT - 4, channel)
+        end = full * SLOT
+        if rest + 1 >= 126:
+            _HEAD16.pack_into(buf, end, 0x82, 126, rest + 1, channel)
+            transport.write(view[: end + 5 + rest])
+        elif rest:
+            _HEAD7.pack_into(buf, end + 2, 0x82, rest + 1, channel)
+            transport.writelines([view[:end], view[end + 2 : end + 5 + rest]])
+        else:
+            transport.write(view[:end])
+        if protocol.writing_paused:
+            # Wait until the socket drains: a slow reader slows the writer down
+            # instead of growing our buffers.
+            await protocol._drain_helper()
 
 
 def _start_cause(program: str, cwd: str | None, exc: OSError) -> str:

@@ -155,8 +155,8 @@ def parse_request_info(method: str, path: str, query: Any) -> RequestInfo:
         info.verb = "delete" if info.name else "deletecollection"
     else:
         info.verb = m.lower()
-    if info.subresource == "exec":
-        info.verb = "exec"
+    if info.subresource in ("exec", "portforward"):
+        info.verb = info.subresource
     elif info.subresource == "log":
         info.verb = "log"
     return info
@@ -257,6 +257,11 @@ class Resources:
                     request, ns, name
                 )
                 return upgraded
+            if info.subresource == "portforward":
+                forwarded: web.StreamResponse = await self.cluster.portforward_handler.handle(
+                    request, ns, name
+                )
+                return forwarded
             if info.subresource == "log" and verb == "log":
                 return await self._log(request, ns, name)
             if info.subresource == "status" and verb == "get":
