@@ -78,3 +78,18 @@ bench-e2e: build
 .PHONY: chaos
 chaos: build
 	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m tests.integration.chaos $(or $(CHAOS_ARGS),--lifecycles 1000 --epochs 8 --seed 1)
+
+# The suites against a real single-node Kubernetes built from the official sources
+# (scripts/realcluster; a cold first run builds it): `up` (reusing a cluster already
+# running from REALCLUSTER_DIR), the integration tests with KUBERUN_TEST_CLUSTER=real,
+# then `down`, always (REALCLUSTER_KEEP=1 keeps it running). Tests marked
+# devcluster_only (fault injection) are deselected; pytest's summary counts them.
+REALCLUSTER_DIR ?= $(CURDIR)/.realcluster
+REAL_TESTS ?= tests/integration/test_gateway_core.py tests/integration/test_session_parity.py \
+	tests/integration/test_cli.py tests/integration/test_exit_after_output.py \
+	tests/integration/test_backpressure.py tests/integration/test_security.py \
+	tests/integration/test_hostile_clients.py tests/integration/test_real_cluster.py
+.PHONY: test-real chaos-real
+test-real: build
+	./scripts/with-realcluster $(REALCLUSTER_DIR) env KUBERUN_REQUIRE_EXTENSIONS=1 \
+		$(PY) -m pytest -q -m 'not devcluster_only' $(REAL_TESTS) $(REAL_TEST_ARGS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,13 @@ def pytest_asyncio_loop_factories(
         return factories
     factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which cluster the integration tests use (tests/integration/clusters.py)."""
+    if os.environ.get("KUBERUN_TEST_CLUSTER") == "real":
+        return f"integration cluster: real ({os.environ.get('KUBERUN_REAL_KUBECONFIG')})"
+    return "integration cluster: devcluster"
 
 
 def pytest_configure(config: Any) -> None:

@@ -49,7 +49,7 @@ import aiohttp
 import asyncssh
 import yaml
 
-from kuberun.devcluster import DevCluster
+from .clusters import TestCluster, open_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -320,7 +320,7 @@ def _free_port() -> int:
 
 
 class Chaos:
-    def __init__(self, options: Options, cluster: DevCluster, workdir: Path) -> None:
+    def __init__(self, options: Options, cluster: TestCluster, workdir: Path) -> None:
         self.options = options
         self.cluster = cluster
         self.workdir = workdir
@@ -352,19 +352,25 @@ class Chaos:
                 "max_sessions": 10,
             },
             "kubernetes": {
-                "kubeconfig": str(self.kubeconfig),
-                "context": "devcluster",
+                **self.cluster.kubernetes_config(self.kubeconfig),
                 "ping_interval": 5,
             },
-            "pod": {"subsystems": {"sftp": ["/usr/lib/openssh/sftp-server"]}},
+            "pod": {
+                "subsystems": {"sftp": ["/usr/lib/openssh/sftp-server"]},
+                **self._pod_spec(),
+            },
             "timeouts": {
-                "pod_start": POD_START,
+                "pod_start": max(POD_START, self.cluster.pod_start),
                 "pod_stop": POD_STOP,
                 "command_start": COMMAND_START,
             },
             "metrics": {"listen": f"127.0.0.1:{_free_port()}"},
             "logging": {"level": self.options.log_level},
         }
+
+    def _pod_spec(self) -> dict[str, Any]:
+        spec = self.cluster.pod_spec(self.workdir)
+        return {} if spec is None else {"spec": spec}
 
     # -- clients --------------------------------------------------------------------
 
@@ -647,7 +653,7 @@ class Chaos:
     # -- faults ---------------------------------------------------------------------------
 
     def inject(self, rng: random.Random) -> str:
-        faults = self.cluster.faults
+        faults = self.cluster.dev.faults
         choice = rng.randrange(12)
         verb = rng.choice(("create", "watch", "delete", "create", "watch", "delete", "get", "list"))
         if choice <= 2:
@@ -697,10 +703,10 @@ class Chaos:
         ):
             count += 1
         for _ in range(count):
-            before = {f.id for f in self.cluster.faults.list()}
+            before = {f.id for f in self.cluster.dev.faults.list()}
             label = self.inject(rng)
             self.report.faults[label] += 1
-            for fault in self.cluster.faults.list():
+            for fault in self.cluster.dev.faults.list():
                 if fault.id not in before:
                     self._injected.append((label, fault))
 
@@ -732,16 +738,15 @@ class Chaos:
 
     async def wait_no_pods(self, epoch: EpochReport) -> None:
         deadline = time.monotonic() + POD_STOP + TERMINATION_SLACK
-        while self.cluster.pods() and time.monotonic() < deadline:
+        while await self.cluster.pods() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        left = [p["metadata"]["name"] for p in self.cluster.pods()]
+        left = [p["metadata"]["name"] for p in await self.cluster.pods()]
         if left:
             epoch.pods_left.extend(left)
             self.report.violations.append(f"epoch {epoch.epoch}: Pods left behind: {left}")
             # Clean up so the next epoch starts from nothing.
             for name in left:
-                with contextlib.suppress(Exception):
-                    await self.cluster.registry.delete("default", name, {"gracePeriodSeconds": 0})
+                await self.cluster.delete_pod_now(name)
 
     async def epoch(self, index: int, lifecycles: int) -> None:
         loop, relay = COMBINATIONS[index % len(COMBINATIONS)]
@@ -761,7 +766,7 @@ class Chaos:
         try:
             await self.run_batch(index, "chaos", lifecycles, self.options.concurrency)
         finally:
-            self.cluster.faults.clear()
+            self.cluster.dev.faults.clear()
             for label, fault in self._injected:
                 if fault.hits:
                     self.report.fired[label] += fault.hits
@@ -824,7 +829,7 @@ async def run_chaos(options: Options, workdir: Path | None = None) -> Report:
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
-        async with DevCluster() as cluster:
+        async with open_cluster() as cluster:
             return await Chaos(options, cluster, workdir).run()
 
 

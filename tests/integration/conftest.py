@@ -1,8 +1,10 @@
-"""Fixtures for end-to-end tests: devcluster + an in-process gateway + real SSH clients."""
+"""Fixtures for end-to-end tests: a cluster (devcluster, or a real one: see clusters.py)
++ an in-process gateway + real SSH clients."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -15,8 +17,9 @@ import pytest
 
 from kuberun import _relay_py, execstream
 from kuberun.config import Config, config_from_dict, make_api_client
-from kuberun.devcluster import DevCluster
 from kuberun.gateway import GatewayRunner
+
+from .clusters import MODE, TestCluster, open_cluster
 
 try:
     from kuberun import _relay as _relay_c
@@ -53,9 +56,21 @@ def relay_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     return str(request.param)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect (visibly, in the summary) what cannot run against this mode's cluster."""
+    other = "devcluster_only" if MODE == "real" else "real_only"
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        (drop if item.get_closest_marker(other) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
-async def cluster() -> AsyncIterator[DevCluster]:
-    async with DevCluster() as c:
+async def cluster() -> AsyncIterator[TestCluster]:
+    async with open_cluster() as c:
         yield c
 
 
@@ -64,7 +79,7 @@ class Gateway:
     """A running gateway and what a client needs to reach it."""
 
     runner: GatewayRunner
-    cluster: DevCluster
+    cluster: TestCluster
     port: int
     key_path: Path
     workdir: Path
@@ -115,14 +130,24 @@ class Gateway:
         )
 
     async def wait_no_pods(self, timeout: float = 30) -> None:
-        await wait_for(lambda: not self.cluster.pods(), timeout, "Pods left behind")
+        await wait_no_pods(self.cluster, timeout)
+
+
+async def wait_no_pods(cluster: TestCluster, timeout: float = 30) -> None:
+    async def none_left() -> bool:
+        return not await cluster.pods()
+
+    await wait_for(none_left, timeout, "Pods left behind")
 
 
 async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``cond`` (test-side only) until truthy; fail with ``what`` on timeout."""
+    """Poll ``cond`` (test-side only; it may return an awaitable) until truthy; fail
+    with ``what`` on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
@@ -130,7 +155,11 @@ async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
-def gateway_config(cluster_kubeconfig: Path, workdir: Path, **overrides: Any) -> Config:
+def gateway_config(
+    cluster_kubeconfig: Path, workdir: Path, cluster: TestCluster | None = None, **overrides: Any
+) -> Config:
+    """The test gateway's config; with ``cluster``, its namespace, context and Pod
+    template for that cluster (``pod__spec`` overrides are adapted to it too)."""
     data: dict[str, Any] = {
         "ssh": {
             "listen": "127.0.0.1:0",
@@ -143,6 +172,12 @@ def gateway_config(cluster_kubeconfig: Path, workdir: Path, **overrides: Any) ->
         "timeouts": {"pod_start": 20, "pod_stop": 10, "command_start": 10},
         "metrics": {"listen": None},
     }
+    if cluster is not None:
+        data["kubernetes"] = cluster.kubernetes_config(cluster_kubeconfig)
+        data["timeouts"]["pod_start"] = cluster.pod_start
+        spec = cluster.pod_spec(workdir, overrides.pop("pod__spec", None))
+        if spec is not None:
+            data["pod"]["spec"] = spec
     for dotted, value in overrides.items():
         section, _, key = dotted.partition("__")
         data.setdefault(section, {})[key] = value
@@ -167,7 +202,7 @@ def gateway_overrides() -> dict[str, Any]:
 
 @pytest.fixture
 async def gateway(
-    cluster: DevCluster,
+    cluster: TestCluster,
     client_key: Path,
     tmp_path: Path,
     relay_impl: str,
@@ -175,7 +210,7 @@ async def gateway(
 ) -> AsyncIterator[Gateway]:
     kubeconfig = tmp_path / "kubeconfig"
     cluster.write_kubeconfig(str(kubeconfig))
-    config = gateway_config(kubeconfig, tmp_path, **gateway_overrides)
+    config = gateway_config(kubeconfig, tmp_path, cluster, **gateway_overrides)
     api_client = await make_api_client(config.kubernetes)
     runner = GatewayRunner(config, api_client, name="test")
     await runner.start()

@@ -19,9 +19,8 @@ from typing import cast
 import asyncssh
 import pytest
 
-from kuberun.devcluster import DevCluster
-
 from .chaos import Chaos, GatewayProcess, Options
+from .clusters import open_cluster
 
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
 
@@ -53,7 +52,7 @@ class Sampler:
 
 @pytest.fixture
 async def chaos(tmp_path: Path) -> AsyncIterator[Chaos]:
-    async with DevCluster() as cluster:
+    async with open_cluster() as cluster:
         harness = Chaos(Options(), cluster, tmp_path)
         workdir = tmp_path / "gateway"
         workdir.mkdir()

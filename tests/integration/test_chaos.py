@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.openssh, pytest.mark.asyncio(loop_factories=["uvloop"]
 SEED = int(os.environ.get("KUBERUN_CHAOS_SEED", "20261130"))
 
 
+@pytest.mark.devcluster_only  # its faults are devcluster's (make chaos-real: the real ones)
 async def test_chaos(tmp_path: Path) -> None:
     options = Options(seed=SEED, lifecycles=80, epochs=2, concurrency=6, shutdown_lifecycles=6)
     report = await run_chaos(options, tmp_path)

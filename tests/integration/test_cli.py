@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,9 +15,8 @@ import asyncssh
 import pytest
 import yaml
 
-from kuberun.devcluster import DevCluster
-
-from .conftest import SSH_OPTS, wait_for
+from .clusters import REAL_IMAGE, TestCluster
+from .conftest import SSH_OPTS, wait_for, wait_no_pods
 
 pytestmark = pytest.mark.openssh
 
@@ -105,14 +103,11 @@ def ssh_cmd(key: Path, port: int, *command: str, user: str = "alice") -> list[st
     return ["ssh", *SSH_OPTS, "-i", str(key), "-p", str(port), f"{user}@127.0.0.1", *command]
 
 
-@pytest.fixture
-async def cluster() -> AsyncIterator[DevCluster]:
-    async with DevCluster() as c:
-        yield c
-
-
-def serve_config(tmp: Path, kubeconfig: Path, **pod: Any) -> dict[str, Any]:
-    return {
+def serve_config(
+    tmp: Path, kubeconfig: Path, cluster: TestCluster | None = None, **pod: Any
+) -> dict[str, Any]:
+    """A `kuberun serve` config; with ``cluster``, for that cluster (see clusters.py)."""
+    config: dict[str, Any] = {
         "ssh": {
             "listen": "127.0.0.1:0",
             "host_keys": [str(tmp / "host_key")],
@@ -123,14 +118,22 @@ def serve_config(tmp: Path, kubeconfig: Path, **pod: Any) -> dict[str, Any]:
         "timeouts": {"pod_start": 20, "pod_stop": 10},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }
+    if cluster is not None:
+        config["kubernetes"] = cluster.kubernetes_config(kubeconfig)
+        config["timeouts"]["pod_start"] = cluster.pod_start
+        spec = cluster.pod_spec(tmp, config["pod"].pop("spec", None))
+        if spec is not None:
+            config["pod"]["spec"] = spec
+    return config
 
 
 async def start_serve(
-    tmp: Path, cluster: DevCluster, env: dict[str, str] | None = None, **pod: Any
+    tmp: Path, cluster: TestCluster, env: dict[str, str] | None = None, **pod: Any
 ) -> tuple[Proc, int, Path, dict[str, Any]]:
+    tmp.mkdir(parents=True, exist_ok=True)
     kubeconfig = tmp / "kubeconfig"
     cluster.write_kubeconfig(str(kubeconfig))
-    config = serve_config(tmp, kubeconfig, **pod)
+    config = serve_config(tmp, kubeconfig, cluster, **pod)
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     key, pub = make_key(tmp / "client")
@@ -161,17 +164,18 @@ async def test_misplaced_key_is_named(tmp_path: Path, command: str) -> None:
     assert b"listening" not in err + out
 
 
-async def test_check_dry_runs_the_template(tmp_path: Path, cluster: DevCluster) -> None:
+async def test_check_dry_runs_the_template(tmp_path: Path, cluster: TestCluster) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     cluster.write_kubeconfig(str(kubeconfig))
-    config = serve_config(tmp_path, kubeconfig)
+    config = serve_config(tmp_path, kubeconfig, cluster)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     code, out, err = await run(*KUBERUN, "check", "--config", str(path))
     assert code == 0, err
     assert b"OK" in out
-    assert cluster.pods() == []  # a dry run creates nothing
-    assert cluster.requests.where(verb="create")[-1].query.get("dryRun") == "All"
+    assert await cluster.pods() == []  # a dry run creates nothing
+    if not cluster.real:  # only devcluster keeps a request log
+        assert cluster.dev.requests.where(verb="create")[-1].query.get("dryRun") == "All"
 
     config["pod"]["spec"] = {"containers": [{"name": "shell", "image": ""}]}
     path.write_text(yaml.safe_dump(config))
@@ -181,7 +185,7 @@ async def test_check_dry_runs_the_template(tmp_path: Path, cluster: DevCluster) 
 
 
 async def test_serve_metrics_and_sigterm_with_open_session(
-    tmp_path: Path, cluster: DevCluster
+    tmp_path: Path, cluster: TestCluster
 ) -> None:
     proc, port, key, config = await start_serve(tmp_path, cluster)
     try:
@@ -215,36 +219,42 @@ async def test_serve_metrics_and_sigterm_with_open_session(
         )
         assert client.stdout is not None
         assert await asyncio.wait_for(client.stdout.readline(), 30) == b"started\n"
-        assert len(cluster.pods()) == 1
+        assert len(await cluster.pods()) == 1
     finally:
         code = await proc.stop(signal.SIGTERM)
     assert code == 0, proc.err.decode(errors="replace")
     _, client_err = await asyncio.wait_for(client.communicate(), 30)
     assert b"shutting down" in client_err
     assert client.returncode != 0
-    assert cluster.pods() == []
+    if cluster.real:  # deleted, but a real Pod takes a moment to terminate
+        await wait_no_pods(cluster)
+    assert await cluster.pods() == []
 
 
 async def test_sigkilled_gateway_pods_collected_by_owner(
-    tmp_path: Path, cluster: DevCluster
+    tmp_path: Path, cluster: TestCluster
 ) -> None:
     import kubernetes_asyncio.client as k8s
     from kubernetes_asyncio.config import load_kube_config
 
     # Stand-in for the gateway's own Pod (what the downward API names in a cluster).
-    kubeconfig = tmp_path / "kubeconfig"
-    cluster.write_kubeconfig(str(kubeconfig))
+    kubeconfig = tmp_path / "admin-kubeconfig"
+    cluster.write_admin_kubeconfig(str(kubeconfig))
     conf = k8s.Configuration()
     await load_kube_config(str(kubeconfig), client_configuration=conf)
+    ns = cluster.namespace
     async with k8s.ApiClient(conf) as api_client:
         api = k8s.CoreV1Api(api_client)
+        container: dict[str, Any] = {"name": "g", "image": "x"}
+        if cluster.real:
+            container.update(image=REAL_IMAGE, imagePullPolicy="Never", command=["sleep", "1h"])
         owner = await api.create_namespaced_pod(
-            "default",
+            ns,
             cast(  # the client serialises a plain dict body as it is; the stub wants a V1Pod
                 Any,
                 {
                     "metadata": {"name": "gateway-0"},
-                    "spec": {"containers": [{"name": "g", "image": "x"}]},
+                    "spec": {"containers": [container]},
                 },
             ),
         )
@@ -258,7 +268,7 @@ async def test_sigkilled_gateway_pods_collected_by_owner(
         )
         assert client.stdout is not None
         assert await asyncio.wait_for(client.stdout.readline(), 30) == b"started\n"
-        user_pods = [p for p in cluster.pods() if p["metadata"]["name"] != "gateway-0"]
+        user_pods = [p for p in await cluster.pods() if p["metadata"]["name"] != "gateway-0"]
         assert len(user_pods) == 1
         refs = user_pods[0]["metadata"]["ownerReferences"]
         assert refs[0]["uid"] == owner.metadata.uid and refs[0]["kind"] == "Pod"
@@ -271,16 +281,16 @@ async def test_sigkilled_gateway_pods_collected_by_owner(
                 pass
         await client.wait()
         # The gateway died without cleaning up: its Pod stays...
-        assert any(p["metadata"]["name"] != "gateway-0" for p in cluster.pods())
+        assert any(p["metadata"]["name"] != "gateway-0" for p in await cluster.pods())
 
         # ...until a restarted gateway (same Pod name) runs its janitor.
         proc2, _, _, _ = await start_serve(tmp_path / "second", cluster, env=env)
         try:
-            await wait_for(
-                lambda: all(p["metadata"]["name"] == "gateway-0" for p in cluster.pods()),
-                30,
-                "janitor did not delete the leftover Pod",
-            )
+
+            async def only_the_gateway_left() -> bool:
+                return all(p["metadata"]["name"] == "gateway-0" for p in await cluster.pods())
+
+            await wait_for(only_the_gateway_left, 30, "janitor did not delete the leftover Pod")
         finally:
             assert await proc2.stop() == 0
 
@@ -302,10 +312,12 @@ async def test_sigkilled_gateway_pods_collected_by_owner(
             except ProcessLookupError:
                 pass
         await client.wait()
-        await api.delete_namespaced_pod("gateway-0", "default", grace_period_seconds=0)
-        await wait_for(lambda: cluster.pods() == [], 30, "ownerReference garbage collection")
+        await api.delete_namespaced_pod("gateway-0", ns, grace_period_seconds=0)
+        # Real: the controller-manager's garbage collector, then the kubelet, end it.
+        await wait_no_pods(cluster, 60 if cluster.real else 30)
 
 
+@pytest.mark.devcluster_only  # the demo is devcluster and a gateway in one process
 async def test_demo_from_clean_home(tmp_path: Path) -> None:
     home = tmp_path / "home"
     key, pub = make_key(home / ".ssh")

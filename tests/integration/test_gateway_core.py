@@ -1,4 +1,4 @@
-"""The gateway end to end: OpenSSH and asyncssh clients, devcluster behind."""
+"""The gateway end to end: OpenSSH and asyncssh clients, devcluster (or a real cluster) behind."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ async def test_asyncssh_client(gateway: Gateway) -> None:
 
 
 async def test_64mib_byte_exact_both_ways(gateway: Gateway, tmp_path: Path) -> None:
-    # devcluster Pods are local processes, so the test can put a file where the Pod reads it.
+    # The test can put a file where the Pod reads it: devcluster Pods are local processes,
+    # and real-cluster Pods have the test's directory mounted (clusters.py).
     data = os.urandom(64 * 1024 * 1024)
     src = tmp_path / "src.bin"
     src.write_bytes(data)
@@ -90,7 +91,7 @@ async def test_parallel_sessions_share_one_pod(gateway: Gateway, tmp_path: Path)
         assert [r[0] for r in results] == [0] * 8, [r[2] for r in results]
         hosts = {r[1] for r in results}
         assert len(hosts) == 1, hosts
-        pods = gateway.cluster.pods()
+        pods = await gateway.cluster.pods()
         assert len(pods) == 1
         assert pods[0]["metadata"]["name"].encode() + b"\n" in hosts
     finally:
@@ -102,7 +103,7 @@ async def test_parallel_sessions_share_one_pod(gateway: Gateway, tmp_path: Path)
 async def test_pod_labels(gateway: Gateway) -> None:
     async with gateway.asyncssh_connect() as conn:
         await conn.run("true")
-        pods = gateway.cluster.pods()
+        pods = await gateway.cluster.pods()
         assert len(pods) == 1
         meta = pods[0]["metadata"]
         assert meta["labels"]["app.kubernetes.io/managed-by"] == "kuberun"
@@ -123,7 +124,7 @@ async def test_client_killed_while_pod_starts(gateway: Gateway) -> None:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    await wait_for(lambda: gateway.cluster.pods(), 20, "Pod created")
+    await wait_for(gateway.cluster.pods, 20, "Pod created")
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
     await gateway.wait_no_pods()
@@ -141,8 +142,9 @@ async def test_image_pull_failure(gateway: Gateway) -> None:
     await gateway.wait_no_pods()
 
 
+@pytest.mark.devcluster_only  # counts requests in devcluster's request log
 async def test_api_calls_per_connection(gateway: Gateway) -> None:
-    cluster = gateway.cluster
+    cluster = gateway.cluster.dev
     before = len(cluster.requests)
     async with gateway.asyncssh_connect() as conn:
         for _ in range(3):
@@ -156,15 +158,17 @@ async def test_api_calls_per_connection(gateway: Gateway) -> None:
 
 
 async def _faulty_create(gateway: Gateway, status: int, **kwargs: Any) -> None:
-    gateway.cluster.faults.fail(status, method="POST", verb="create", count=2, **kwargs)
+    gateway.cluster.dev.faults.fail(status, method="POST", verb="create", count=2, **kwargs)
     code, out, err = await gateway.ssh("echo ok")
     assert (code, out) == (0, b"ok\n"), err
     await gateway.wait_no_pods()
 
 
+@pytest.mark.devcluster_only  # injected faults
 async def test_create_retried_after_500(gateway: Gateway) -> None:
     await _faulty_create(gateway, 500)
 
 
+@pytest.mark.devcluster_only  # injected faults
 async def test_create_retried_after_429(gateway: Gateway) -> None:
     await _faulty_create(gateway, 429, retry_after=1)

@@ -80,9 +80,10 @@ async def _hostile(conn: asyncssh.SSHClientConnection, mode: str) -> Any:
     )
 
 
+@pytest.mark.devcluster_only  # injected faults
 @pytest.mark.parametrize("gateway_overrides", [{"ssh__max_sessions": 20}])
 async def test_hostile_exec_streams(gateway: Gateway) -> None:
-    faults = gateway.cluster.faults
+    faults = gateway.cluster.dev.faults
     after = {mode: (i * 7919) % 50_000 for i, mode in enumerate(HOSTILE_EXEC_MODES)}
     for mode in HOSTILE_EXEC_MODES:
         faults.hostile_exec(mode, after_bytes=after[mode], command=f"HOSTILE-{mode}$")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import Gateway, wait_for
+from .conftest import Gateway
 
 POD_START = 6
 POD_STOP = 6
@@ -17,6 +17,7 @@ POD_STOP = 6
 STUCK = 8
 
 pytestmark = [
+    pytest.mark.devcluster_only,  # injected faults
     pytest.mark.asyncio(loop_factories=["uvloop"]),
     pytest.mark.parametrize(
         "gateway_overrides",
@@ -39,14 +40,14 @@ async def _session_ok(gateway: Gateway) -> None:
 async def _no_pods_left(gateway: Gateway) -> None:
     # Deletions, and the search for Pods of creates that lost their answer, end
     # within timeouts.pod_stop; devcluster then needs a moment to stop the processes.
-    await wait_for(lambda: not gateway.cluster.pods(), POD_STOP + 10, "Pods left behind")
+    await gateway.wait_no_pods(POD_STOP + 10)
 
 
 async def test_create_whose_answer_is_late_is_adopted(gateway: Gateway) -> None:
     # The Pod is made at once; only the answer is held back past the attempt's timeout.
-    gateway.cluster.faults.slow_response(STUCK, verb="create", count=1)
+    gateway.cluster.dev.faults.slow_response(STUCK, verb="create", count=1)
     await _session_ok(gateway)
-    creates = gateway.cluster.requests.where(verb="create")
+    creates = gateway.cluster.dev.requests.where(verb="create")
     assert len(creates) == 1  # adopted (found by its labels), not created twice
     await _no_pods_left(gateway)
 
@@ -54,14 +55,14 @@ async def test_create_whose_answer_is_late_is_adopted(gateway: Gateway) -> None:
 async def test_stuck_create_is_retried_and_a_late_pod_deleted(gateway: Gateway) -> None:
     # The first create hangs before it is handled; it may still make its Pod
     # after the retry made another one. Neither may be left behind.
-    gateway.cluster.faults.latency(STUCK, verb="create", count=1)
+    gateway.cluster.dev.faults.latency(STUCK, verb="create", count=1)
     await _session_ok(gateway)
     await _no_pods_left(gateway)
 
 
 @pytest.mark.parametrize("kind", ["slow_response", "latency"])
 async def test_stuck_delete_is_retried(gateway: Gateway, kind: str) -> None:
-    getattr(gateway.cluster.faults, kind)(STUCK, verb="delete", count=1)
+    getattr(gateway.cluster.dev.faults, kind)(STUCK, verb="delete", count=1)
     await _session_ok(gateway)
     await _no_pods_left(gateway)
-    assert len(gateway.cluster.requests.where(verb="delete")) >= 1
+    assert len(gateway.cluster.dev.requests.where(verb="delete")) >= 1

@@ -18,13 +18,13 @@ from kubernetes_asyncio.config import load_kube_config
 
 from kuberun import cli
 from kuberun.config import make_api_client
-from kuberun.devcluster import DevCluster
 from kuberun.devcluster.tls import generate_certificates
 from kuberun.errors import EXIT_POD_FAILED, CommandStartError
 from kuberun.execstream import ExecConnector
 from kuberun.gateway import GatewayRunner
 from kuberun.manifests import LABEL_GATEWAY, LABEL_MANAGED_BY
 
+from .clusters import TestCluster
 from .conftest import Gateway, gateway_config, wait_for
 from .test_cli import make_key, run, serve_config, ssh_cmd, start
 
@@ -35,10 +35,10 @@ TLS_OFF = "TLS verification of the Kubernetes API server"
 
 
 @pytest.mark.openssh
-async def test_verify_tls_off_warns_at_every_start(tmp_path: Path, cluster: DevCluster) -> None:
+async def test_verify_tls_off_warns_at_every_start(tmp_path: Path, cluster: TestCluster) -> None:
     kubeconfig = tmp_path / "kubeconfig"
     cluster.write_kubeconfig(str(kubeconfig))
-    config = serve_config(tmp_path, kubeconfig)
+    config = serve_config(tmp_path, kubeconfig, cluster)
     config["kubernetes"]["verify_tls"] = False
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -56,9 +56,10 @@ async def test_verify_tls_off_warns_at_every_start(tmp_path: Path, cluster: DevC
             assert await proc.stop(signal.SIGTERM) == 0
 
 
-async def test_verify_tls_is_on_by_default(tmp_path: Path, cluster: DevCluster) -> None:
+@pytest.mark.devcluster_only  # counts requests in devcluster's request log
+async def test_verify_tls_is_on_by_default(tmp_path: Path, cluster: TestCluster) -> None:
     # A kubeconfig that trusts another CA: every API call and every exec must fail.
-    data = cluster.kubeconfig()
+    data = cluster.dev.kubeconfig()
     other_ca = generate_certificates(["127.0.0.1"]).ca_pem
     data["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(
         other_ca
@@ -94,8 +95,8 @@ async def test_verify_tls_is_on_by_default(tmp_path: Path, cluster: DevCluster) 
             await runner.close()
     finally:
         await api_client.close()
-    assert cluster.pods() == []
-    assert not cluster.requests.where(verb="create")
+    assert cluster.dev.pods() == []
+    assert not cluster.dev.requests.where(verb="create")
 
 
 class _NoListener:
@@ -114,14 +115,16 @@ class _NoListener:
 # -- secrets in logs --------------------------------------------------------------------
 
 
+@pytest.mark.devcluster_only  # injected faults
 async def test_token_and_password_never_logged(
-    tmp_path: Path, cluster: DevCluster, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, cluster: TestCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # every logger, asyncssh and kubernetes_asyncio included
     kubeconfig = tmp_path / "kubeconfig"
     cluster.write_kubeconfig(str(kubeconfig))
     config = gateway_config(kubeconfig, tmp_path, timeouts__pod_start=5, timeouts__pod_stop=5)
     api_client = await make_api_client(config.kubernetes)
+    dev = cluster.dev
     password = "pw-" + "9f3Kq7Zx" * 3
     runner = GatewayRunner(config, api_client, password=password, name="secrets")
     await runner.start()
@@ -144,27 +147,27 @@ async def test_token_and_password_never_logged(
         async with connect(password) as conn:
             assert (await conn.run("echo ok")).stdout == "ok\n"
             # Failure paths log the API server's answers: still no token.
-            cluster.faults.fail(403, verb="exec", count=1)
+            dev.faults.fail(403, verb="exec", count=1)
             failed = await conn.run("echo refused")
             assert failed.exit_status == 251
-            cluster.faults.drop_exec(after_bytes=10, count=1)
+            dev.faults.drop_exec(after_bytes=10, count=1)
             await conn.run("yes | head -c 100000")
             proc = await conn.create_process("echo started; exec sleep 30")
             assert await asyncio.wait_for(proc.stdout.readline(), 20) == "started\n"
             proc.send_signal("TERM")
             await asyncio.wait_for(proc.wait(), 20)
-        cluster.faults.fail(500, verb="create", count=2)
-        cluster.faults.fail(500, verb="delete", count=1)
+        dev.faults.fail(500, verb="create", count=2)
+        dev.faults.fail(500, verb="delete", count=1)
         async with connect(password) as conn:
             await conn.run("true")
-        await wait_for(lambda: not cluster.pods() or None, 20, "Pods deleted")
+        await wait_for(lambda: not dev.pods() or None, 20, "Pods deleted")
     finally:
         await runner.close()
         await api_client.close()
     text = caplog.text + "".join(repr(r.args) for r in caplog.records)
     assert len(caplog.records) > 50  # DEBUG really was on
-    assert cluster.token not in text
-    assert base64.b64encode(cluster.token.encode()).decode() not in text
+    assert dev.token not in text
+    assert base64.b64encode(dev.token.encode()).decode() not in text
     assert password not in text
 
 
@@ -176,14 +179,21 @@ async def test_only_kuberun_pods_are_deleted(gateway: Gateway) -> None:
     kubeconfig = gateway.workdir / "kubeconfig"
     conf = k8s.Configuration()
     await load_kube_config(str(kubeconfig), client_configuration=conf)
-    spec = {"containers": [{"name": "shell", "image": "x"}]}
+    ns = cluster.namespace
+    spec: dict[str, Any] = {"containers": [{"name": "shell", "image": "x"}]}
+    if cluster.real:
+        spec = cluster.pod_spec(gateway.workdir, spec) or spec
+        spec["containers"][0]["command"] = ["sleep", "1h"]
     async with k8s.ApiClient(conf) as api_client:
         api = k8s.CoreV1Api(api_client)
 
         async def pod(name: str, labels: dict[str, str]) -> None:
             await api.create_namespaced_pod(
-                "default", cast(Any, {"metadata": {"name": name, "labels": labels}, "spec": spec})
+                ns, cast(Any, {"metadata": {"name": name, "labels": labels}, "spec": spec})
             )
+
+        async def names() -> set[str]:
+            return {p["metadata"]["name"] for p in await cluster.pods()}
 
         await pod("plain", {})
         await pod("gateway-label-only", {LABEL_GATEWAY: "test"})
@@ -193,24 +203,30 @@ async def test_only_kuberun_pods_are_deleted(gateway: Gateway) -> None:
 
         # The janitor deletes only the leftover of this gateway.
         await cli._janitor(gateway.runner, {})
-        await wait_for(lambda: "leftover" not in _names(cluster), 20, "leftover deleted")
-        assert bystanders <= _names(cluster)
+
+        async def leftover_gone() -> bool:
+            return "leftover" not in await names()
+
+        await wait_for(leftover_gone, 30, "leftover deleted")
+        assert bystanders <= await names()
 
         # A Pod replaced under kuberun's feet (same name, new UID) is not deleted:
         # the delete carries the old UID as a precondition.
         async with gateway.asyncssh_connect() as conn:
             assert (await conn.run("true")).exit_status == 0
-            (mine,) = _names(cluster) - bystanders
-            await api.delete_namespaced_pod(mine, "default", grace_period_seconds=0)
-            await wait_for(lambda: mine not in _names(cluster), 20, "Pod gone")
+            (mine,) = await names() - bystanders
+            await api.delete_namespaced_pod(mine, ns, grace_period_seconds=0)
+
+            async def mine_gone() -> bool:
+                return mine not in await names()
+
+            await wait_for(mine_gone, 20, "Pod gone")
             await pod(mine, {"app": "someone-else"})
         await asyncio.sleep(0.5)
         await gateway.runner.gateway.wait_tasks()
-        assert _names(cluster) == bystanders | {mine}
-        assert cluster.pod(mine)["metadata"]["labels"] == {"app": "someone-else"}  # type: ignore[index]
-        deletes = [r for r in cluster.requests.where(verb="delete") if r.name == mine]
-        assert deletes and deletes[-1].status == 409
-
-
-def _names(cluster: DevCluster) -> set[str]:
-    return {p["metadata"]["name"] for p in cluster.pods()}
+        assert await names() == bystanders | {mine}
+        replaced = await cluster.pod(mine)
+        assert replaced is not None and replaced["metadata"]["labels"] == {"app": "someone-else"}
+        if not cluster.real:  # only devcluster keeps a request log
+            deletes = [r for r in cluster.dev.requests.where(verb="delete") if r.name == mine]
+            assert deletes and deletes[-1].status == 409

@@ -85,6 +85,8 @@ async def test_env_values_arrive_byte_exact(gateway: Gateway, value: str) -> Non
     async with gateway.asyncssh_connect() as conn:
         result = await conn.run('printf "%s" "$KR_V"', env={"KR_V": value})
         assert result.stdout == value
+        # Where the command would have run (the Pod: on devcluster, this machine).
+        assert (await conn.run("test ! -e /tmp/kuberun-pwned")).exit_status == 0
     assert not Path("/tmp/kuberun-pwned").exists()
 
 
@@ -120,18 +122,14 @@ async def test_closing_channel_kills_program(gateway: Gateway, tmp_path: Path) -
         pid = int(pidfile.read_text())
         proc.close()
 
-        def gone() -> bool:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            # A zombie counts as gone: the Pod's process has exited.
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    return f.read().split(") ")[1].startswith("Z")
-            except OSError:
-                return True
-            return False
+        # Asked inside the Pod (its PID namespace): gone, or a zombie (it has exited).
+        probe = (
+            f"s=$(sed 's/.*) //' /proc/{pid}/stat 2>/dev/null | cut -c1); "
+            '[ -z "$s" ] || [ "$s" = Z ]'
+        )
+
+        async def gone() -> bool:
+            return bool((await conn.run(probe)).exit_status == 0)
 
         await wait_for(gone, 20, "program still running after channel close")
 
@@ -278,7 +276,7 @@ async def test_session_mode_pod_per_session(gateway: Gateway) -> None:
         host1 = (await _read_until(first.stdout, "\n")).strip()
         host2 = (await _read_until(second.stdout, "\n")).strip()
         assert host1 and host2 and host1 != host2
-        assert {p["metadata"]["name"] for p in gateway.cluster.pods()} == {host1, host2}
+        assert {p["metadata"]["name"] for p in await gateway.cluster.pods()} == {host1, host2}
         first.stdin.write("\n")
         second.stdin.write("\n")
         await first.wait()
