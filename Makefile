@@ -93,3 +93,12 @@ REAL_TESTS ?= tests/integration/test_gateway_core.py tests/integration/test_sess
 test-real: build
 	./scripts/with-realcluster $(REALCLUSTER_DIR) env KUBERUN_REQUIRE_EXTENSIONS=1 \
 		$(PY) -m pytest -q -m 'not devcluster_only' $(REAL_TESTS) $(REAL_TEST_ARGS)
+
+# The chaos run against the real cluster, with the faults a real cluster can take
+# (tests/integration/chaos_real.py): kube-apiserver SIGKILLed and restarted, kubelet and
+# containerd restarted, Pods' containers killed, clients killed, the gateway SIGTERMed and
+# SIGKILLed (then its janitor). Options via CHAOS_REAL_ARGS.
+chaos-real: build
+	./scripts/with-realcluster $(REALCLUSTER_DIR) env KUBERUN_REQUIRE_EXTENSIONS=1 \
+		$(PY) -m tests.integration.chaos --real \
+		$(or $(CHAOS_REAL_ARGS),--lifecycles 300 --epochs 4 --concurrency 6 --seed 1)

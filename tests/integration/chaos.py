@@ -49,7 +49,8 @@ import aiohttp
 import asyncssh
 import yaml
 
-from .clusters import TestCluster, open_cluster
+from .chaos_real import RealFaults
+from .clusters import RealTestCluster, TestCluster, open_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,6 +87,8 @@ COMBINATIONS = (
 LIFECYCLE_TIMEOUT = 120.0
 #: Extra time for devcluster to finish terminating deleted Pods.
 TERMINATION_SLACK = 10.0
+#: The same on a real cluster, whose kubelet may be restarting when the Pods are deleted.
+REAL_TERMINATION_SLACK = 120.0
 
 
 @dataclass
@@ -105,12 +108,17 @@ class Options:
     #: RSS the gateway may keep above its warm baseline once idle again.
     rss_tolerance: int = 48 * 1024 * 1024
     verbose: bool = False
+    #: Against the real cluster (KUBERUN_REAL_KUBECONFIG) with its faults, not devcluster.
+    real: bool = False
 
 
 @dataclass
 class Outcome:
     kind: str
-    result: str  # ok | kuberun-error | killed | refused | violation
+    # ok | kuberun-error | killed | refused | violation; on a real cluster also
+    # container-killed (the program got SIGKILL) and gateway-killed (no status: the
+    # gateway was SIGKILLed)
+    result: str
     detail: str = ""
     phase: str = ""
 
@@ -213,8 +221,16 @@ def _rss(pid: int) -> int:
 class GatewayProcess:
     """``gatewayproc`` in a subprocess, its stderr collected."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], loop: str, relay: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        loop: str,
+        relay: str,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.workdir = workdir
+        self.extra_args = extra_args
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.report = workdir / "unhandled.jsonl"
@@ -244,6 +260,7 @@ class GatewayProcess:
             str(self.report),
             "--loop",
             self.loop,
+            *self.extra_args,
             cwd=str(ROOT),
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -291,11 +308,11 @@ class GatewayProcess:
         data = yaml.safe_load(self.config_path.read_text())
         return data["metrics"]["listen"]  # type: ignore[no-any-return]
 
-    async def stop(self, timeout: float) -> int | None:
+    async def stop(self, timeout: float, signo: int = signal.SIGTERM) -> int | None:
         if self.proc is None:
             return None
         if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signo)
         try:
             code = await asyncio.wait_for(self.proc.wait(), timeout)
         except asyncio.TimeoutError:
@@ -339,6 +356,12 @@ class Chaos:
         self.stopping = False
         self.faults_on = False
         self._injected: list[tuple[str, Any]] = []
+        #: The real cluster's faults (chaos_real.py); None on devcluster.
+        self.real_faults: RealFaults | None = None
+        if isinstance(cluster, RealTestCluster):
+            self.real_faults = RealFaults(cluster, cluster.admin_kubeconfig.parent)
+        #: Set while a SIGKILLed gateway's sessions end without a status.
+        self.gateway_killed = False
 
     # -- configuration ------------------------------------------------------------
 
@@ -412,6 +435,8 @@ class Chaos:
         what: str,
     ) -> Outcome:
         """Classify a finished session; raise Violation for a silent or wrong end."""
+        if status is None and signal_name is None and self.gateway_killed:
+            return Outcome(kind, "gateway-killed")
         if status is None and signal_name is None:
             raise Violation(f"{what}: no exit status (stderr {stderr[-300:]!r})")
         if status in KUBERUN_STATUSES:
@@ -423,6 +448,9 @@ class Chaos:
                 raise Violation(f"{what}: status {status} without any fault: {stderr[-300:]!r}")
             return Outcome(kind, "kuberun-error", f"{status}")
         if not expected():
+            killed = status == 137 or signal_name == "KILL"
+            if killed and self.real_faults is not None and self.real_faults.container_kills:
+                return Outcome(kind, "container-killed")
             raise Violation(f"{what}: unexpected result status={status} signal={signal_name}")
         return Outcome(kind, "ok")
 
@@ -703,6 +731,11 @@ class Chaos:
         ):
             count += 1
         for _ in range(count):
+            if self.real_faults is not None:
+                label = self.real_faults.inject(rng)
+                if label is not None:
+                    self.report.faults[label] += 1
+                continue
             before = {f.id for f in self.cluster.dev.faults.list()}
             label = self.inject(rng)
             self.report.faults[label] += 1
@@ -737,7 +770,8 @@ class Chaos:
             print(f"{where}: {outcome.kind} {outcome.result} {outcome.detail}", flush=True)
 
     async def wait_no_pods(self, epoch: EpochReport) -> None:
-        deadline = time.monotonic() + POD_STOP + TERMINATION_SLACK
+        slack = TERMINATION_SLACK if self.real_faults is None else REAL_TERMINATION_SLACK
+        deadline = time.monotonic() + POD_STOP + slack
         while await self.cluster.pods() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         left = [p["metadata"]["name"] for p in await self.cluster.pods()]
@@ -754,6 +788,8 @@ class Chaos:
         self.report.epochs.append(report)
         workdir = self.workdir / f"epoch{index}"
         workdir.mkdir()
+        if self.real_faults is not None:
+            await self.real_faults.wait_healthy()
         self.gateway = GatewayProcess(workdir, self.gateway_config(), loop, relay)
         await self.gateway.start()
         # Warm up (every code path once), then the baseline.
@@ -766,11 +802,7 @@ class Chaos:
         try:
             await self.run_batch(index, "chaos", lifecycles, self.options.concurrency)
         finally:
-            self.cluster.dev.faults.clear()
-            for label, fault in self._injected:
-                if fault.hits:
-                    self.report.fired[label] += fault.hits
-            self._injected.clear()
+            await self._faults_off()
         # Deletions started by the last lifecycles finish within timeouts.pod_stop.
         await self.wait_no_pods(report)
         self.faults_on = False
@@ -788,7 +820,8 @@ class Chaos:
                     f"{report.rss_baseline >> 20} MiB"
                 )
 
-        # SIGTERM mid-traffic.
+        # SIGTERM (on a real cluster every other epoch: SIGKILL, then the janitor) mid-traffic.
+        sigkill = self.real_faults is not None and index % 2 == 1
         batch = asyncio.ensure_future(
             self.run_batch(
                 index,
@@ -800,10 +833,17 @@ class Chaos:
         rng = random.Random(f"{self.options.seed}/sigterm/{index}")
         await asyncio.sleep(0.5 + rng.random() * 1.5)
         self.stopping = True
-        report.gateway_exit = await self.gateway.stop(POD_STOP + 20)
-        await batch
+        if sigkill:
+            self.gateway_killed = True
+            report.gateway_exit = await self.gateway.stop(POD_STOP + 20, signal.SIGKILL)
+            await batch
+            self.gateway_killed = False
+            await self.janitor(workdir, loop, relay)
+        else:
+            report.gateway_exit = await self.gateway.stop(POD_STOP + 20)
+            await batch
         self.stopping = False
-        if report.gateway_exit != 0:
+        if report.gateway_exit != (-signal.SIGKILL if sigkill else 0):
             self.report.violations.append(
                 f"epoch {index}: gateway exit status {report.gateway_exit} after SIGTERM"
             )
@@ -814,6 +854,34 @@ class Chaos:
                 f"epoch {index}: reached the exception handler: {entry['message']} "
                 f"{entry['exception']}\n{entry['traceback']}"
             )
+
+    async def _faults_off(self) -> None:
+        if self.real_faults is not None:
+            await self.real_faults.settle()
+            for failure in self.real_faults.failures:
+                self.report.violations.append(f"cluster fault failed: {failure}")
+            self.real_faults.failures.clear()
+            self.report.fired.clear()
+            self.report.fired.update(self.real_faults.fired)
+            return
+        self.cluster.dev.faults.clear()
+        for label, fault in self._injected:
+            if fault.hits:
+                self.report.fired[label] += fault.hits
+        self._injected.clear()
+
+    async def janitor(self, workdir: Path, loop: str, relay: str) -> None:
+        """After a SIGKILL: a gateway of the same name starts, and its janitor deletes
+        the Pods the killed one left (as `kuberun serve` does at start-up)."""
+        janitor_dir = workdir / "janitor"
+        janitor_dir.mkdir()
+        gateway = GatewayProcess(
+            janitor_dir, self.gateway_config(), loop, relay, extra_args=("--janitor",)
+        )
+        await gateway.start()
+        code = await gateway.stop(POD_STOP + 20)
+        if code != 0:
+            self.report.violations.append(f"janitor gateway exit status {code}")
 
     async def run(self) -> Report:
         started = time.monotonic()
@@ -829,7 +897,7 @@ async def run_chaos(options: Options, workdir: Path | None = None) -> Report:
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-")))
-        async with open_cluster() as cluster:
+        async with open_cluster(real=options.real) as cluster:
             return await Chaos(options, cluster, workdir).run()
 
 
@@ -848,6 +916,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--json", help="write the report here as JSON")
     parser.add_argument("--workdir", help="keep keys, configs and gateway logs here")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="against the real cluster of KUBERUN_REAL_KUBECONFIG, with its faults "
+        "(chaos_real.py) instead of devcluster's (make chaos-real)",
+    )
     args = parser.parse_args(argv)
     options = Options(
         seed=args.seed,
@@ -859,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=args.log_level,
         only=tuple(k for k in args.only.split(",") if k),
         verbose=args.verbose,
+        real=args.real,
     )
     import uvloop
 

@@ -334,15 +334,16 @@ def _write_private(path: Path, data: Obj) -> None:
 
 
 @asynccontextmanager
-async def open_cluster() -> AsyncIterator[TestCluster]:
-    """devcluster, or (KUBERUN_TEST_CLUSTER=real) a namespace on the real cluster."""
-    if REAL:
-        real = RealTestCluster(real_kubeconfig())
+async def open_cluster(real: bool = REAL) -> AsyncIterator[TestCluster]:
+    """devcluster, or (``real``; default KUBERUN_TEST_CLUSTER=real) a namespace of its
+    own on the real cluster."""
+    if real:
+        cluster = RealTestCluster(real_kubeconfig())
         try:
-            await real.start()
-            yield real
+            await cluster.start()
+            yield cluster
         finally:
-            await real.close()
+            await cluster.close()
     else:
         async with DevCluster() as dev:
             yield DevTestCluster(dev)

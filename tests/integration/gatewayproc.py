@@ -7,6 +7,7 @@ handler is appended to ``--report`` as one JSON object per line (then handled as
 usual, i.e. logged).
 
     python -m tests.integration.gatewayproc --config CONFIG --report FILE [--loop asyncio]
+        [--name NAME] [--janitor]
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ async def serve(args: argparse.Namespace) -> int:
     runner = GatewayRunner(config, api_client, name=args.name)
     try:
         await runner.start()
+        if args.janitor:
+            from kuberun.cli import _janitor
+
+            await _janitor(runner, {})
         print(f"PORT {runner.port}", flush=True)
         runner.install_signal_handlers()
         await runner.wait_stopped()
@@ -64,6 +69,12 @@ def main() -> int:
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--name", default="chaos")
     parser.add_argument("--log-level", default=None)
+    parser.add_argument(
+        "--janitor",
+        action="store_true",
+        help="delete the Pods a gateway of this name left (as `kuberun serve` does) "
+        "before printing the port",
+    )
     args = parser.parse_args()
     if args.loop == "uvloop":
         import uvloop
