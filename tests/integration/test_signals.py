@@ -19,6 +19,9 @@ import pytest
 
 from .conftest import Gateway, wait_for
 
+# Reads the Pod's processes from this machine's /proc, where only devcluster's Pods are.
+pytestmark = pytest.mark.devcluster_only
+
 PROGRAMS = {
     "lone": "sleep 30",
     "list": "sleep 30; echo after",

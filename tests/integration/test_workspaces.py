@@ -47,7 +47,7 @@ async def test_username_placeholder_reaches_the_pod(
         claim, hostname = str(result.stdout).split()
         assert claim == "home-alice"
         assert hostname.startswith("ws-alice-")
-        pods = gateway.cluster.pods()
+        pods = await gateway.cluster.pods()
         assert [p["metadata"]["labels"]["home"] for p in pods] == ["home-alice"]
     await gateway.wait_no_pods()
 
@@ -63,6 +63,6 @@ async def test_placeholder_takes_the_dns_safe_form(gateway: Gateway, tmp_path: A
     async with gateway.asyncssh_connect() as conn:
         result = await conn.run('printf "%s" "$CLAIM"', input="")
         assert result.stdout == f"home-{safe}"
-        await wait_for(lambda: gateway.cluster.pods(), 10, "the Pod")
-        assert gateway.cluster.pods()[0]["metadata"]["labels"]["home"] == f"home-{safe}"
+        pods = await wait_for(gateway.cluster.pods, 10, "the Pod")
+        assert pods[0]["metadata"]["labels"]["home"] == f"home-{safe}"
     await gateway.wait_no_pods()
