@@ -102,3 +102,10 @@ chaos-real: build
 	./scripts/with-realcluster $(REALCLUSTER_DIR) env KUBERUN_REQUIRE_EXTENSIONS=1 \
 		$(PY) -m tests.integration.chaos --real \
 		$(or $(CHAOS_REAL_ARGS),--lifecycles 300 --epochs 4 --concurrency 6 --seed 1)
+
+# kuberun against kubectl on the real path (benchmarks/real_path.py; results in
+# benchmarks/RESULTS.md): throughput both ways, keystroke latency, Pod start, API calls.
+.PHONY: bench-real
+bench-real: build
+	./scripts/with-realcluster $(REALCLUSTER_DIR) env KUBERUN_REQUIRE_EXTENSIONS=1 \
+		$(PY) -m benchmarks.real_path $(BENCH_REAL_ARGS)

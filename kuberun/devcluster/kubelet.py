@@ -328,7 +328,9 @@ class PodWorker:
                 self.publish()
                 await self._stop.wait()
                 return False
-        if ctr.spec.get("imagePullPolicy") == "Never" or ctr.restart_count > 0:
+        policy = ctr.spec.get("imagePullPolicy")
+        present = policy == "IfNotPresent" and image in self.kubelet.images
+        if policy == "Never" or present or ctr.restart_count > 0:
             self.event(
                 "Normal",
                 "Pulled",
@@ -349,6 +351,8 @@ class PodWorker:
             "Image size: 0 bytes.",
             ctr,
         )
+        if not delay:  # a slow image stands for a slow pull every time
+            self.kubelet.images.add(image)
         return True
 
     def _prepare(self, ctr: Container) -> list[str] | None:
@@ -620,6 +624,8 @@ class Kubelet:
         self.faults = faults
         self.workdir_root = workdir_root
         self.workers: dict[str, PodWorker] = {}
+        #: Images pulled on this node so far: IfNotPresent finds them without a pull.
+        self.images: set[str] = set()
 
     def admit(self, pod: Obj) -> PodWorker:
         """Start running a newly created Pod."""

@@ -310,7 +310,11 @@ def real_pod_spec(shared: Path, spec: Obj | None = None) -> Obj:
                     "command": ["sleep", seconds],
                 }
             )
-        container.update(image=REAL_IMAGE, imagePullPolicy="Never")
+        # IfNotPresent finds the image imported; Always (or the default for an untagged
+        # image) would try a registry that cannot be reached.
+        if container.get("imagePullPolicy") != "IfNotPresent":
+            container["imagePullPolicy"] = "Never"
+        container["image"] = REAL_IMAGE
     for container in [*spec["containers"], *init]:
         mounts = container.setdefault("volumeMounts", [])
         mounts.append({"name": "test-shared", "mountPath": str(shared)})
