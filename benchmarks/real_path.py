@@ -93,6 +93,17 @@ class Bench:
             "bench@127.0.0.1", *command,
         ]  # fmt: skip
 
+    def connect(self) -> Any:
+        assert self.gateway is not None
+        return asyncssh.connect(
+            "127.0.0.1",
+            self.gateway.port,
+            username="bench",
+            client_keys=[str(self.key)],
+            known_hosts=None,
+            encryption_algs=["aes128-gcm@openssh.com"],
+        )
+
     def kubectl(self, *args: str) -> list[str]:
         return [KUBECTL, "--kubeconfig", str(self.admin), "-n", self.cluster.namespace, *args]
 
@@ -143,14 +154,7 @@ class Bench:
     async def keystrokes(self, count: int) -> dict[str, list[float]]:
         assert self.gateway is not None
         result: dict[str, list[float]] = {}
-        async with asyncssh.connect(
-            "127.0.0.1",
-            self.gateway.port,
-            username="bench",
-            client_keys=[str(self.key)],
-            known_hosts=None,
-            encryption_algs=["aes128-gcm@openssh.com"],
-        ) as conn:
+        async with self.connect() as conn:
             proc = await conn.create_process("cat", encoding=None)
             result["kuberun"] = await _echo_rtts(proc.stdin.write, proc.stdout.read, count)
             proc.stdin.write_eof()
@@ -189,13 +193,7 @@ class Bench:
         """The gateway's counters across one connection that runs three sessions."""
         assert self.gateway is not None
         before = await self._counters()
-        async with asyncssh.connect(
-            "127.0.0.1",
-            self.gateway.port,
-            username="bench",
-            client_keys=[str(self.key)],
-            known_hosts=None,
-        ) as conn:
+        async with self.connect() as conn:
             for _ in range(3):
                 await conn.run("true", check=True)
         await asyncio.sleep(5)  # the delete runs after the disconnect

@@ -107,33 +107,29 @@ def _running(pod: dict[str, Any]) -> bool:
 # -- error bodies -----------------------------------------------------------------------
 
 
-async def test_not_found_body(api: Api) -> None:
-    body = await api.error(api.core.read_namespaced_pod("nope", api.ns))
-    assert body == {
+def _status(code: int, reason: str, message: str, name: str, kind: str) -> dict[str, Any]:
+    """A REST error's ``metav1.Status``, field for field."""
+    return {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
         "status": "Failure",
-        "message": 'pods "nope" not found',
-        "reason": "NotFound",
-        "details": {"name": "nope", "kind": "pods"},
-        "code": 404,
+        "message": message,
+        "reason": reason,
+        "details": {"name": name, "kind": kind},
+        "code": code,
     }
+
+
+async def test_not_found_body(api: Api) -> None:
+    body = await api.error(api.core.read_namespaced_pod("nope", api.ns))
+    assert body == _status(404, "NotFound", 'pods "nope" not found', "nope", "pods")
 
 
 async def test_already_exists_body(api: Api) -> None:
     await api.create("twice")
     body = await api.error(api.create("twice"))
-    assert body == {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": 'pods "twice" already exists',
-        "reason": "AlreadyExists",
-        "details": {"name": "twice", "kind": "pods"},
-        "code": 409,
-    }
+    assert body == _status(409, "AlreadyExists", 'pods "twice" already exists', "twice", "pods")
 
 
 async def test_invalid_body(api: Api) -> None:
@@ -154,18 +150,12 @@ async def test_uid_precondition_conflict_body(api: Api) -> None:
         )
     )
     # The delete path's own wording (rest.BeforeDelete): the kind, not the resource.
-    assert body == {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": 'Operation cannot be fulfilled on Pod "guarded": the UID in the precondition '
-        f"(x) does not match the UID in record ({uid}). The object might have been deleted "
-        "and then recreated",
-        "reason": "Conflict",
-        "details": {"name": "guarded", "kind": "Pod"},
-        "code": 409,
-    }
+    message = (
+        'Operation cannot be fulfilled on Pod "guarded": the UID in the precondition (x) '
+        f"does not match the UID in record ({uid}). The object might have been deleted and "
+        "then recreated"
+    )
+    assert body == _status(409, "Conflict", message, "guarded", "Pod")
 
 
 # -- Pod status -------------------------------------------------------------------------
