@@ -154,6 +154,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _check(config: Config) -> int:
     from .manifests import build_pod
 
+    if config.audit.directory is not None:
+        from .audit import check_directory
+
+        problem = check_directory(config.audit.directory)
+        if problem is not None:
+            print(f"kuberun: audit.directory: {problem}", file=sys.stderr)
+            return 2
+
     api_client = await make_api_client(config.kubernetes)
     try:
         from kubernetes_asyncio import client as k8s

@@ -40,6 +40,7 @@ from .errors import ConfigError
 __all__ = [
     "DEFAULT_CIPHERS",
     "DEFAULT_IDLE_COMMAND",
+    "AuditConfig",
     "Config",
     "KubernetesConfig",
     "LoggingConfig",
@@ -428,6 +429,43 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The ``audit`` section: the audit trail and session recordings (:mod:`kuberun.audit`).
+
+    ``directory`` None turns auditing off; otherwise events (JSON lines) and
+    recordings are written there.  ``recordings`` is ``"none"``, ``"pty"``
+    (asciicast v2 of every pty session) or ``"all"`` (non-pty sessions too, as
+    raw byte streams).  ``record_input`` adds what the client typed (passwords
+    included, so off by default).  ``on_overflow`` says what happens when the
+    disk is slower than a session: ``"drop"`` recording bytes (noted in the
+    recording) or ``"block"`` the session until the writer catches up.
+    """
+
+    directory: str | None = None
+    recordings: Literal["none", "pty", "all"] = "pty"
+    record_input: bool = False
+    on_overflow: Literal["drop", "block"] = "drop"
+
+    def __post_init__(self) -> None:
+        if self.directory is not None:
+            if not isinstance(self.directory, str) or not self.directory:
+                raise ConfigError("audit.directory", "expected a directory path or null, got ''")
+            if "\0" in self.directory:
+                raise ConfigError("audit.directory", "must not contain a NUL character")
+        _check_choice("audit.recordings", self.recordings, ("none", "pty", "all"))
+        if not isinstance(self.record_input, bool):
+            raise ConfigError(
+                "audit.record_input", f"expected true or false, got {describe(self.record_input)}"
+            )
+        _check_choice("audit.on_overflow", self.on_overflow, ("drop", "block"))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether events are written (``directory`` is set)."""
+        return self.directory is not None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole gateway configuration."""
 
@@ -437,6 +475,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         namespace = self.pod.metadata.get("namespace")
@@ -519,6 +558,19 @@ def _read_logging(sec: Section) -> LoggingConfig:
     )
 
 
+def _read_audit(sec: Section) -> AuditConfig:
+    recordings = sec.string("recordings", AuditConfig.recordings)
+    _check_choice("audit.recordings", recordings, ("none", "pty", "all"))
+    on_overflow = sec.string("on_overflow", AuditConfig.on_overflow)
+    _check_choice("audit.on_overflow", on_overflow, ("drop", "block"))
+    return AuditConfig(
+        directory=sec.optional_string("directory", None),
+        recordings="none" if recordings == "none" else "all" if recordings == "all" else "pty",
+        record_input=sec.boolean("record_input", AuditConfig.record_input),
+        on_overflow="block" if on_overflow == "block" else "drop",
+    )
+
+
 _READERS = {
     "ssh": (SSHConfig, _read_ssh),
     "kubernetes": (KubernetesConfig, _read_kubernetes),
@@ -526,6 +578,7 @@ _READERS = {
     "timeouts": (TimeoutsConfig, _read_timeouts),
     "metrics": (MetricsConfig, _read_metrics),
     "logging": (LoggingConfig, _read_logging),
+    "audit": (AuditConfig, _read_audit),
 }
 
 #: Every known key per section, for "unknown key" hints.

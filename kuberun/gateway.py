@@ -127,10 +127,13 @@ class GatewayRunner:
         server_factory: Callable[[Gateway], SSHServer] | None = None,
         owner: dict[str, str] | None = None,
         name: str | None = None,
+        audit: Any = None,
     ) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.gateway = Gateway(config, api_client, metrics=self.metrics, owner=owner, name=name)
+        self.gateway = Gateway(
+            config, api_client, metrics=self.metrics, owner=owner, name=name, audit=audit
+        )
         self._password = password
         self._extra_keys = extra_authorized_keys
         self._factory = server_factory
@@ -187,6 +190,7 @@ class GatewayRunner:
             _log.error("some Pods could not be deleted within timeouts.pod_stop")
         if self._acceptor is not None:
             await self._acceptor.wait_closed()
+        await self.gateway.audit.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s
 
+from .audit import Audit, ConnectionAudit
 from .config import Config
 from .errors import PodStartError
 from .execstream import ExecConnector
@@ -61,6 +62,7 @@ def new(
     gateway: str | None = None,
     owner: Mapping[str, str] | None = None,
     track: Callable[[asyncio.Task[Any]], None] | None = None,
+    audit: ConnectionAudit | None = None,
 ) -> NetworkHandler:
     """Create the handler for one SSH connection.
 
@@ -80,6 +82,8 @@ def new(
     :param owner: ``ownerReference`` fields (apiVersion, kind, name, uid) for the Pod
     :param track: receives background tasks (Pod deletions, signal execs) so
         the caller can wait for them on shutdown
+    :param audit: the connection's :class:`~kuberun.audit.ConnectionAudit`
+        (from :meth:`kuberun.audit.Audit.connection`); None records nothing
     """
     if metrics is not None:
         backend_requests_counter = backend_requests_counter or metrics.backend_requests
@@ -102,6 +106,7 @@ def new(
         gateway=gateway,
         owner=owner,
         track=track,
+        audit=audit,
     )
 
 
@@ -121,6 +126,7 @@ class NetworkHandler:
         gateway: str | None = None,
         owner: Mapping[str, str] | None = None,
         track: Callable[[asyncio.Task[Any]], None] | None = None,
+        audit: ConnectionAudit | None = None,
     ) -> None:
         self.controller = controller
         self.connector = connector
@@ -132,6 +138,7 @@ class NetworkHandler:
         self.gateway = gateway
         self.owner = owner
         self._track = track
+        self.audit = audit if audit is not None else _NO_AUDIT.connection(connection_id)
         self._handler: SSHConnectionHandler | None = None
         self._disconnected = False
 
@@ -168,7 +175,9 @@ class NetworkHandler:
             self._track(task)
         return task
 
-    def _lease(self, manifest: Mapping[str, Any], selector: str) -> PodLease:
+    def _lease(
+        self, manifest: Mapping[str, Any], selector: str, session_id: str | None = None
+    ) -> PodLease:
         return PodLease(
             self.controller,
             self.config.kubernetes.namespace,
@@ -179,6 +188,7 @@ class NetworkHandler:
             logger=self.logger,
             metrics=self.metrics,
             track=self._track,
+            audit=self.audit.pods(session_id),
         )
 
 
@@ -193,6 +203,7 @@ class SSHConnectionHandler:
         self.metrics = network.metrics
         self.connector = network.connector
         self.connection_id = network.connection_id
+        self.audit = network.audit
         self._lease: PodLease | None = None
         self._session_leases: dict[str, PodLease] = {}
         self._sessions: set[KuberunSession] = set()
@@ -237,14 +248,18 @@ class SSHConnectionHandler:
             existing = self._session_leases.get(session_id)
             if existing is None:
                 manifest, selector = self._manifest(session_id)
-                existing = self.network._lease(manifest, selector)
+                existing = self.network._lease(manifest, selector, session_id)
                 self._session_leases[session_id] = existing
             lease = existing
+        reused = lease.ready
         lease.subscribe(progress)
         try:
-            return await lease.wait()
+            ref = await lease.wait()
         finally:
             lease.unsubscribe(progress)
+        if reused:
+            self.audit.pods().reused(ref, session_id)
+        return ref
 
     # -- sessions -----------------------------------------------------------
 
@@ -298,6 +313,9 @@ class SSHConnectionHandler:
             leases.append(self._lease)
         if leases:
             await asyncio.gather(*(lease.release() for lease in leases), return_exceptions=True)
+
+
+_NO_AUDIT = Audit.disabled()
 
 
 def _log_failure(

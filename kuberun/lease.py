@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .audit import PodAudit
 from .errors import KubernetesAPIError, PodStartError, PodStartTimeout
 from .pods import PodController, PodRef, pod_progress
 
@@ -46,6 +47,7 @@ class PodLease:
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
         metrics: Any = None,
         track: Callable[[asyncio.Task[Any]], None] | None = None,
+        audit: PodAudit | None = None,
     ) -> None:
         self._controller = controller
         self._namespace = namespace
@@ -56,6 +58,8 @@ class PodLease:
         self._logger = logger
         self._metrics = metrics
         self._track = track
+        self._audit = audit
+        self._delete_started = 0.0
         self._listeners: list[ProgressListener] = []
         self._lines: list[str] = []
         self._task: asyncio.Task[PodRef] | None = None
@@ -93,6 +97,14 @@ class PodLease:
         """The Pod, once created."""
         return self._ref
 
+    @property
+    def ready(self) -> bool:
+        """Whether the Pod has started and is ready."""
+        task = self._task
+        return (
+            task is not None and task.done() and not task.cancelled() and task.exception() is None
+        )
+
     def start(self) -> asyncio.Task[PodRef]:
         """Start creating the Pod (idempotent); the task's result is the ready Pod."""
         if self._released:
@@ -126,12 +138,17 @@ class PodLease:
             pod = await self._controller.wait_ready(pod, deadline, self._report)
             self._report(f"Pod {self._ref.name} is ready")
         except asyncio.CancelledError:
+            if self._audit is not None and self._ref is not None:
+                elapsed = time.monotonic() - started
+                self._audit.failed("Cancelled", "no longer wanted", elapsed, self._ref)
             self._schedule_delete()
             raise
         except (PodStartError, KubernetesAPIError) as exc:
+            reason = getattr(exc, "reason", "") or "Error"
             if self._metrics is not None:
-                reason = getattr(exc, "reason", "") or "Error"
                 self._metrics.pod_start_failures.labels(reason=reason).inc()
+            if self._audit is not None:
+                self._audit.failed(reason, str(exc), time.monotonic() - started, self._ref)
             self._schedule_delete()
             if isinstance(exc, KubernetesAPIError):
                 raise PodStartError(f"cannot create the Pod: {exc}", exc.reason) from exc
@@ -141,6 +158,8 @@ class PodLease:
             raise
         if self._metrics is not None:
             self._metrics.pod_start_seconds.observe(time.monotonic() - started)
+        if self._audit is not None:
+            self._audit.created(self._ref, time.monotonic() - started)
         if self._released:
             # Released while the last step was finishing: do not hand out the Pod.
             self._schedule_delete()
@@ -173,7 +192,8 @@ class PodLease:
         self._uncertain = True
 
     async def _delete(self) -> None:
-        deadline = time.monotonic() + self._stop_timeout
+        self._delete_started = time.monotonic()
+        deadline = self._delete_started + self._stop_timeout
         done: set[str] = set()
         ref = self._ref
         if ref is not None:
@@ -219,6 +239,8 @@ class PodLease:
         self._logger.info("Pod %s deleted", ref.name)
         if self._metrics is not None:
             self._metrics.pods_deleted.inc()
+        if self._audit is not None:
+            self._audit.deleted(ref, time.monotonic() - self._delete_started)
 
 
 #: Intervals between looks for Pods of a create that lost its answer.

@@ -106,6 +106,29 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.audit_events = Counter(
+            "kuberun_audit_events",
+            "Audit events emitted, by event kind.",
+            ["event"],
+            registry=r,
+        )
+        self.audit_recorded_bytes = Counter(
+            "kuberun_audit_recorded_bytes",
+            "Session bytes written to recordings.",
+            registry=r,
+        )
+        self.audit_dropped_bytes = Counter(
+            "kuberun_audit_dropped_bytes",
+            "Session bytes left out of recordings (writer behind under on_overflow: drop, "
+            "or a write error).",
+            registry=r,
+        )
+        self.audit_write_errors = Counter(
+            "kuberun_audit_write_errors",
+            "Failed writes (and opens) of audit event files and recordings; events dropped "
+            "because the writer was behind count here too.",
+            registry=r,
+        )
 
 
 def metrics_handler(

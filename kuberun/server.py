@@ -33,6 +33,7 @@ from typing import Any
 import asyncssh
 from kubernetes_asyncio import client as k8s
 
+from .audit import Audit, AuditSink, ConnectionAudit, watch_auth
 from .config import Config
 from .handler import NetworkHandler, SSHConnectionHandler, new
 from .session import KuberunSession
@@ -104,6 +105,9 @@ class Gateway:
 
     :param owner: ``ownerReference`` for user Pods (the gateway's own Pod when
         it runs in a cluster), so Kubernetes collects them if the gateway dies
+    :param audit: an :class:`~kuberun.audit.Audit`, or a sink for the audit events
+        (an :class:`~kuberun.audit.AuditSink` or a callable taking the event dict)
+        in place of the events file; by default the ``audit`` config section decides
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class Gateway:
         logger: logging.Logger | None = None,
         name: str | None = None,
         owner: Mapping[str, str] | None = None,
+        audit: Audit | AuditSink | Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         self.config = config
         self.api_client = api_client
@@ -122,6 +127,11 @@ class Gateway:
         self.logger = logger or _log
         self.name = name
         self.owner = owner
+        self.audit = (
+            audit
+            if isinstance(audit, Audit)
+            else Audit(config.audit, instance=name, sink=audit, metrics=metrics)
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: set[SSHServer] = set()
         self._prefix = secrets.token_hex(3)
@@ -139,7 +149,12 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def handler_for(self, connection_id: str, client_address: str | None) -> NetworkHandler:
+    def handler_for(
+        self,
+        connection_id: str,
+        client_address: str | None,
+        audit: ConnectionAudit | None = None,
+    ) -> NetworkHandler:
         logger = ConnectionLogger(self.logger, {"connection_id": connection_id})
         return new(
             self.api_client,
@@ -151,6 +166,7 @@ class Gateway:
             gateway=self.name,
             owner=self.owner,
             track=self.track,
+            audit=audit,
         )
 
     @property
@@ -251,17 +267,21 @@ class SSHServer(asyncssh.SSHServer):
         self._conn_handler: SSHConnectionHandler | None = None
         self._start: asyncio.Task[Any] | None = None
         self._unauthenticated = False
+        self.audit = gateway.audit.connection(self.connection_id)
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.audit.opened(peer, conn.get_extra_info("sockname"))
         if not self.gateway._startup_begin():
             # Like OpenSSH's MaxStartups: closed before the version exchange.
+            self.audit.closed("refused: ssh.max_startups reached")
             conn.abort()
             return
         self._unauthenticated = True
-        peer = conn.get_extra_info("peername")
+        watch_auth(conn, self.audit)
         address = f"{peer[0]}:{peer[1]}" if peer else None
-        self.handler = self.gateway.handler_for(self.connection_id, address)
+        self.handler = self.gateway.handler_for(self.connection_id, address, self.audit)
         self.gateway._register(self)
 
     def _startup_done(self) -> None:
@@ -277,6 +297,8 @@ class SSHServer(asyncssh.SSHServer):
             return
         username = str(self.conn.get_extra_info("username") or "")
         self.handler.logger.info("authenticated as %r", username)
+        if self.audit.username is None:  # no auth method was needed (begin_auth said so)
+            self.audit.auth(username, "none", True)
         # Starts the Pod in connection mode; sessions wait for it themselves
         # so they can show its progress on their stderr.
         self._conn_handler = self.handler.connection_handler(username)
@@ -304,6 +326,13 @@ class SSHServer(asyncssh.SSHServer):
         self.gateway._unregister(self)
         handler = self.handler
         if handler is not None:
+            self.audit.closed(
+                "gateway shutdown"
+                if self.gateway.closing
+                else f"connection lost: {exc}"
+                if exc is not None
+                else "client disconnected"
+            )
             if exc is not None:
                 handler.logger.info("connection lost: %s", exc)
             self.gateway.track(asyncio.ensure_future(handler.on_disconnect()))

@@ -37,6 +37,7 @@ from .manifests import (
 )
 
 if TYPE_CHECKING:
+    from .audit import Recording
     from .handler import SSHConnectionHandler
 
 __all__ = ["SIGNALS", "KuberunSession"]
@@ -104,6 +105,10 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._published = False
         self._pending: list[bytes] = []
         self._input_paused = False  # by the exec stream: its write buffer is full
+        self._ssh_full = False  # the channel's send buffer is full (pause_writing)
+        self._audit = conn.audit.session(session_id)
+        self._recording: Recording | None = None
+        self._record_input = False
         # Replaced by the channel's own bound methods in connection_made.
         self.exec_stdout: Callable[[memoryview], object] = _drop
         self.exec_stderr: Callable[[memoryview], object] = _drop
@@ -154,6 +159,9 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def session_started(self) -> None:
+        env = self._chan.get_environment() if self._chan is not None else {}
+        accept = self._conn.config.ssh.accept_env
+        self._audit.opened(self._kind, self._argv or [], self._term, self._size, env, accept)
         self._task = asyncio.ensure_future(self._run_guarded())
 
     async def _run_guarded(self) -> None:
@@ -184,6 +192,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         if self._closed:
             return
         argv = self._wrapped_argv(chan)
+        self._start_recording()
         started = time.monotonic()
         try:
             stream = await conn.connector.open(
@@ -213,13 +222,51 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         if self._term is not None and self._size is not None:
             stream.resize(*self._size)
         if self._pending:
-            stream.write_stdin(b"".join(self._pending))
+            held = b"".join(self._pending)
+            stream.write_stdin(held)
             self._pending.clear()
+            if self._record_input:
+                self._recording.stdin(held)  # type: ignore[union-attr]
         if self._eof:
             self._deliver_eof(stream)
         if not stream.finished and not self._input_paused:
             # (Unless writing the held input already filled the exec's buffer.)
             chan.resume_reading()
+
+    def _start_recording(self) -> None:
+        recording = self._audit.record(
+            self._kind,
+            self._argv or [],
+            self._term,
+            self._size,
+            on_full=self._recording_full,
+            on_drained=self._recording_drained,
+        )
+        if recording is not None:
+            # Output goes through the recording, which writes to the channel first.
+            recording.write_stdout, recording.write_stderr = self.exec_stdout, self.exec_stderr
+            self.exec_stdout, self.exec_stderr = recording.stdout, recording.stderr
+            self._recording = recording
+            self._record_input = self._audit.record_input
+
+    def _recording_full(self) -> None:
+        # audit.on_overflow: block. Hold both directions until the writer catches up.
+        if self._stream is not None:
+            self._stream.pause_output()
+        if self._chan is not None:
+            self._chan.pause_reading()
+
+    def _recording_drained(self) -> None:
+        stream = self._stream
+        if stream is None or stream.finished or self._closed:
+            return
+        if not self._ssh_full:
+            stream.resume_output()
+        if not self._input_paused and self._chan is not None:
+            self._chan.resume_reading()
+
+    def _recording_blocked(self) -> bool:
+        return self._recording is not None and self._recording.blocked
 
     def _wrapped_argv(self, chan: asyncssh.SSHServerChannel[bytes]) -> list[str]:
         config = self._conn.config
@@ -293,6 +340,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         stream = self._stream
         if stream is not None:
             stream.write_stdin(data)
+            if self._record_input:
+                self._recording.stdin(data)  # type: ignore[union-attr]
         elif not self._closed:
             # Input before the exec is open: keep it and stop reading, so the
             # SSH window bounds what is held here.
@@ -323,6 +372,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         if not (0 < width <= _MAX_TERM_DIM and 0 < height <= _MAX_TERM_DIM):
             return
         self._size = (width, height)
+        self._audit.resized(width, height)
         if self._stream is not None and not self._stream.finished:
             self._stream.resize(width, height)
 
@@ -340,6 +390,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         return True
 
     def pause_writing(self) -> None:
+        self._ssh_full = True
         if self._stream is not None:
             self._stream.pause_output()
 
@@ -347,7 +398,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         if self._exit_pending is not None:
             self._send_exit(self._exit_pending)  # the queued output has all gone out
             return
-        if self._stream is not None:
+        self._ssh_full = False
+        if self._stream is not None and not self._recording_blocked():
             self._stream.resume_output()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -360,6 +412,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             self._terminate_program()
             stream.abort()
         self._publish_bytes()
+        self._audit.ended(stream)
         self._conn.session_closed(self)
 
     # -- relay: Kubernetes side (ExecListener) ----------------------------
@@ -371,7 +424,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
 
     def exec_resume_input(self) -> None:
         self._input_paused = False
-        if self._chan is not None and not self._closed:
+        if self._chan is not None and not self._closed and not self._recording_blocked():
             self._chan.resume_reading()
 
     def exec_finished(self, result: ExecResult) -> None:
@@ -382,11 +435,13 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             self._end_with_error(result.error)
             return
         status = result.exit_status if result.exit_status is not None else 0
+        self._audit.ending("exit")
         self._exit(status)
 
     # -- endings ----------------------------------------------------------
 
     def _end_with_error(self, exc: BaseException) -> None:
+        self._audit.ending_with(exc)
         self._log.warning("session %s: %s", self._id, exc)
         self._write_stderr(f"kuberun: {exc}")
         self._exit(exit_status_for(exc))
@@ -396,6 +451,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         if self._closed or self._exited:
             return
         self._write_stderr(f"kuberun: {message}")
+        self._audit.ending("shutdown")
         # Exit first: aborting the stream reports a lost stream, which must not
         # replace the shutdown status.
         self._exit(EXIT_SHUTDOWN)
@@ -428,6 +484,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         """The connection is about to close (gateway shutdown): a session whose exit
         status waits behind unsent output ends with the shutdown status now."""
         if self._exit_pending is not None:
+            self._audit.ending("shutdown", replace=True)
             self._send_exit(EXIT_SHUTDOWN)
 
     def _send_exit(self, status: int) -> None:
@@ -439,8 +496,10 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         try:
             if signalled is not None and status == 128 + signalled:
                 name = next(n for n, num in SIGNALS.items() if num == signalled)
+                self._audit.exit(status, name)
                 chan.exit_with_signal(name)
             else:
+                self._audit.exit(status, None)
                 chan.exit(status)
         except OSError:
             pass
@@ -463,7 +522,9 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             self._log.info(
                 "session %s: signal %s not delivered (no running program)", self._id, name
             )
+            self._audit.signal(name, False)
             return
+        self._audit.signal(name, True)
         self._signalled = signum
         self._conn.spawn(self._kill(name))
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages kuberun's tests and demo use, if any is missing:
 # OpenSSH clients and rsync judge the gateway; sftp-server runs inside devcluster Pods;
-# gcc builds the Cython relay; BusyBox sh is one of the shells the sh wrappers are tested with.
+# gcc builds the Cython relay; BusyBox sh is one of the shells the sh wrappers are tested with;
+# asciinema judges session recordings.
 set -euo pipefail
 
 missing=()
@@ -12,6 +13,8 @@ command -v rsync >/dev/null 2>&1 || missing+=(rsync)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 command -v ps >/dev/null 2>&1 || missing+=(procps)
 command -v busybox >/dev/null 2>&1 || missing+=(busybox)
+command -v asciinema >/dev/null 2>&1 || missing+=(asciinema)
+command -v script >/dev/null 2>&1 || missing+=(bsdutils)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

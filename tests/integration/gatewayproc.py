@@ -7,7 +7,7 @@ handler is appended to ``--report`` as one JSON object per line (then handled as
 usual, i.e. logged).
 
     python -m tests.integration.gatewayproc --config CONFIG --report FILE [--loop asyncio]
-        [--name NAME] [--janitor]
+        [--name NAME] [--janitor] [--connection-prefix PREFIX]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ async def serve(args: argparse.Namespace) -> int:
     setup_logging(config.logging.format, args.log_level or config.logging.level)
     api_client = await make_api_client(config.kubernetes)
     runner = GatewayRunner(config, api_client, name=args.name)
+    if args.connection_prefix:
+        runner.gateway._prefix = args.connection_prefix
     try:
         await runner.start()
         if args.janitor:
@@ -75,6 +77,8 @@ def main() -> int:
         help="delete the Pods a gateway of this name left (as `kuberun serve` does) "
         "before printing the port",
     )
+    # Connection ids become PREFIX-<pid>-<n>, so a test knows the recording file names.
+    parser.add_argument("--connection-prefix", default=None)
     args = parser.parse_args()
     if args.loop == "uvloop":
         import uvloop
