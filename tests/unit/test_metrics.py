@@ -27,6 +27,10 @@ EXPECTED = {
     "kuberun_pod_start_failures": "counter",
     "kuberun_exec_failures": "counter",
     "kuberun_connections_refused": "counter",
+    "kuberun_audit_events": "counter",
+    "kuberun_audit_recorded_bytes": "counter",
+    "kuberun_audit_dropped_bytes": "counter",
+    "kuberun_audit_write_errors": "counter",
 }
 
 
