@@ -238,7 +238,6 @@ class GatewayProcess:
         self.loop = loop
         self.relay = relay
         self.proc: asyncio.subprocess.Process | None = None
-        self.extra_args: list[str] = []
         self.port = 0
         self.stderr = bytearray()
         self._pump: asyncio.Task[None] | None = None

@@ -19,9 +19,9 @@ import pytest
 
 from kuberun.audit.recording import MAX_QUEUED
 from kuberun.audit.writer import CHUNK
-from kuberun.devcluster import DevCluster
 
 from .chaos import Chaos, GatewayProcess, Options
+from .clusters import open_cluster
 from .conftest import Gateway, wait_for
 from .test_audit_trail import read_events
 
@@ -131,6 +131,8 @@ async def test_resizes_are_recorded_where_the_client_resized(gateway: Gateway) -
 
 # `block`: the recording must be whole, however busy the machine is. (Under `drop`, a
 # writer thread starved of CPU by other work on a shared machine leaves gaps, as it should.)
+# (The Pod reads a file of this machine: devcluster's Pods are local processes.)
+@pytest.mark.devcluster_only
 @pytest.mark.parametrize("gateway_overrides", [{"audit__on_overflow": "block"}], indirect=True)
 async def test_large_download_recorded_byte_exact(gateway: Gateway, tmp_path: Path) -> None:
     size = 128 * MiB
@@ -166,7 +168,7 @@ PREFIX = "audtst"
 
 @pytest.fixture
 async def harness(tmp_path: Path) -> AsyncIterator[Chaos]:
-    async with DevCluster() as cluster:
+    async with open_cluster() as cluster:
         yield Chaos(Options(), cluster, tmp_path)
 
 
@@ -176,8 +178,9 @@ async def start_gateway(harness: Chaos, overflow: str) -> tuple[GatewayProcess, 
     directory = harness.workdir / "audit"
     config = harness.gateway_config()
     config["audit"] = {"directory": str(directory), "recordings": "all", "on_overflow": overflow}
-    gateway = GatewayProcess(workdir, config, "uvloop", "cython")
-    gateway.extra_args = ["--connection-prefix", PREFIX]
+    gateway = GatewayProcess(
+        workdir, config, "uvloop", "cython", extra_args=("--connection-prefix", PREFIX)
+    )
     harness.gateway = gateway
     await gateway.start()
     return gateway, directory

@@ -24,9 +24,9 @@ import jsonschema
 import pytest
 
 from kuberun.audit import EVENT_SCHEMA
-from kuberun.devcluster import DevCluster
 
 from .chaos import Chaos, GatewayProcess, Options
+from .clusters import open_cluster
 from .conftest import SSH_OPTS, wait_for
 
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -92,7 +92,7 @@ class Run:
 
 @pytest.fixture
 async def run(tmp_path: Path) -> AsyncIterator[Run]:
-    async with DevCluster() as cluster:
+    async with open_cluster() as cluster:
         harness = Chaos(Options(), cluster, tmp_path)
         workdir = tmp_path / "gateway"
         workdir.mkdir()
