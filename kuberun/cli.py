@@ -105,6 +105,7 @@ async def _janitor(runner: Any, owner: dict[str, str]) -> None:
         managed_selector,
     )
     from .pods import PodController, PodRef
+    from .workspace import LABEL_MODE
 
     name = runner.gateway.name
     if not name:
@@ -126,6 +127,8 @@ async def _janitor(runner: Any, owner: dict[str, str]) -> None:
             continue
         if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or not meta.get("uid"):
             continue
+        if labels.get(LABEL_MODE) == "user":
+            continue  # shared by every replica: only the idle clock deletes it
         ref = PodRef(namespace, meta.get("name", ""), meta.get("uid", ""))
         _log.info("janitor: deleting leftover Pod %s", ref.name)
         await controller.delete(ref, runner.config.timeouts.pod_stop)

@@ -74,6 +74,9 @@ DEFAULT_IDLE_COMMAND: tuple[str, ...] = (
     "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait; done",
 )
 
+#: Values of ``pod.mode``.
+MODES: tuple[Literal["connection", "session", "user"], ...] = ("connection", "session", "user")
+
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _ENV_PATTERN = re.compile(r"[A-Za-z0-9_*?]+")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -296,13 +299,17 @@ class PodConfig:
     ``metadata`` and ``spec`` are the Pod's ``metadata`` and ``spec`` as in
     any manifest; ``console_container`` names the container sessions exec
     into, whose ``command`` becomes ``idle_command``.  ``mode`` is
-    ``"connection"`` (one Pod per SSH connection) or ``"session"`` (one Pod
-    per session channel).  ``subsystems`` maps an SSH subsystem name to an
-    argv.  ``signals`` enables SSH signal delivery, which records each
-    program's PID in a file under ``pid_dir`` inside the Pod.
+    ``"connection"`` (one Pod per SSH connection), ``"session"`` (one Pod
+    per session channel) or ``"user"`` (one Pod per user, shared by all of its
+    connections on every gateway replica, deleted ``idle_timeout`` seconds after
+    the last one closed; ``lease_duration`` bounds how long the claims of a
+    replica that died keep a Pod, see :mod:`kuberun.workspace`).  ``subsystems``
+    maps an SSH subsystem name to an argv.  ``signals`` enables SSH signal
+    delivery, which records each program's PID in a file under ``pid_dir``
+    inside the Pod.
     """
 
-    mode: Literal["connection", "session"] = "connection"
+    mode: Literal["connection", "session", "user"] = "connection"
     metadata: dict[str, Any] = field(default_factory=_default_metadata)
     spec: dict[str, Any] = field(default_factory=_default_spec)
     console_container: str = "shell"
@@ -311,10 +318,25 @@ class PodConfig:
     subsystems: Mapping[str, tuple[str, ...]] = field(default_factory=_default_subsystems)
     signals: bool = True
     pid_dir: str = "/tmp"
+    idle_timeout: float = 1800
+    lease_duration: float = 15
 
     def __post_init__(self) -> None:
-        _check_choice("pod.mode", self.mode, ("connection", "session"))
+        _check_choice("pod.mode", self.mode, MODES)
         _check_metadata(self.metadata)
+        _check_seconds("pod.idle_timeout", self.idle_timeout, allow_zero=True)
+        _check_seconds("pod.lease_duration", self.lease_duration)
+        if self.lease_duration < 1:
+            raise ConfigError(
+                "pod.lease_duration", f"must be at least 1 second, got {self.lease_duration!r}"
+            )
+        name = self.metadata.get("name")
+        if self.mode == "user" and name is not None and "{username}" not in name:
+            raise ConfigError(
+                "pod.metadata.name",
+                f"{name!r} would give every user the same Pod in user mode: put '{{username}}' "
+                "in it, or use generateName (the prefix of each user's Pod name)",
+            )
         _check_spec(self.spec, self.console_container)
         _check_argv("pod.idle_command", self.idle_command)
         _check_argv("pod.shell_command", self.shell_command)
@@ -521,10 +543,9 @@ def _read_pod(sec: Section) -> PodConfig:
         table = sec.section("subsystems", keys=None)
         subsystems = {name: table.strings(name, ()) for name in table}
     mode = sec.string("mode", PodConfig.mode)
-    _check_choice("pod.mode", mode, ("connection", "session"))
-    mode_value: Literal["connection", "session"] = "session" if mode == "session" else "connection"
+    _check_choice("pod.mode", mode, MODES)
     return PodConfig(
-        mode=mode_value,
+        mode=next(m for m in MODES if m == mode),
         metadata=copy.deepcopy(dict(sec.mapping("metadata", _default_metadata()))),
         spec=copy.deepcopy(dict(sec.mapping("spec", _default_spec()))),
         console_container=sec.string("console_container", PodConfig.console_container),
@@ -533,6 +554,8 @@ def _read_pod(sec: Section) -> PodConfig:
         subsystems=subsystems,
         signals=sec.boolean("signals", PodConfig.signals),
         pid_dir=sec.string("pid_dir", PodConfig.pid_dir),
+        idle_timeout=sec.number("idle_timeout", PodConfig.idle_timeout),
+        lease_duration=sec.number("lease_duration", PodConfig.lease_duration),
     )
 
 

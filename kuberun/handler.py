@@ -31,6 +31,7 @@ from .lease import PodLease
 from .manifests import LABEL_SESSION_ID, build_pod, id_label_value, managed_selector
 from .pods import PodController, PodRef
 from .session import KuberunSession
+from .workspace import WorkspaceClaim, WorkspaceManager
 
 __all__ = ["NetworkHandler", "SSHConnectionHandler", "new"]
 
@@ -63,6 +64,7 @@ def new(
     owner: Mapping[str, str] | None = None,
     track: Callable[[asyncio.Task[Any]], None] | None = None,
     audit: ConnectionAudit | None = None,
+    workspaces: WorkspaceManager | None = None,
 ) -> NetworkHandler:
     """Create the handler for one SSH connection.
 
@@ -84,7 +86,11 @@ def new(
         the caller can wait for them on shutdown
     :param audit: the connection's :class:`~kuberun.audit.ConnectionAudit`
         (from :meth:`kuberun.audit.Audit.connection`); None records nothing
+    :param workspaces: the gateway's :class:`~kuberun.workspace.WorkspaceManager`,
+        required in user mode (``pod.mode: user``); one per gateway process
     """
+    if config.pod.mode == "user" and workspaces is None:
+        raise ValueError("pod.mode 'user' needs the gateway's WorkspaceManager (workspaces=)")
     if metrics is not None:
         backend_requests_counter = backend_requests_counter or metrics.backend_requests
         backend_failures_counter = backend_failures_counter or metrics.backend_failures
@@ -107,6 +113,7 @@ def new(
         owner=owner,
         track=track,
         audit=audit,
+        workspaces=workspaces,
     )
 
 
@@ -127,6 +134,7 @@ class NetworkHandler:
         owner: Mapping[str, str] | None = None,
         track: Callable[[asyncio.Task[Any]], None] | None = None,
         audit: ConnectionAudit | None = None,
+        workspaces: WorkspaceManager | None = None,
     ) -> None:
         self.controller = controller
         self.connector = connector
@@ -139,25 +147,27 @@ class NetworkHandler:
         self.owner = owner
         self._track = track
         self.audit = audit if audit is not None else _NO_AUDIT.connection(connection_id)
+        self.workspaces = workspaces
         self._handler: SSHConnectionHandler | None = None
         self._disconnected = False
 
     def connection_handler(self, username: str) -> SSHConnectionHandler:
-        """The connection handler, created on first call; in connection mode
-        this starts the Pod without waiting for it."""
+        """The connection handler, created on first call; in connection and user
+        mode this starts the Pod (or the claim on it) without waiting for it."""
         if self._handler is None:
             self._handler = SSHConnectionHandler(self, username)
-            if self.config.pod.mode == "connection" and not self._disconnected:
+            if self.config.pod.mode != "session" and not self._disconnected:
                 self._handler.start_connection_pod()
         return self._handler
 
     async def on_handshake_success(self, username: str) -> SSHConnectionHandler:
-        """Create the Pod (connection mode) and wait until it is ready.
+        """Create the Pod (connection mode) or join the user's (user mode) and wait
+        until it is ready.
 
         :raises PodStartError: the Pod cannot start (it has been deleted already)
         """
         handler = self.connection_handler(username)
-        if self.config.pod.mode == "connection":
+        if self.config.pod.mode != "session":
             await handler.wait_connection_pod()
         return handler
 
@@ -204,7 +214,7 @@ class SSHConnectionHandler:
         self.connector = network.connector
         self.connection_id = network.connection_id
         self.audit = network.audit
-        self._lease: PodLease | None = None
+        self._lease: PodLease | WorkspaceClaim | None = None
         self._session_leases: dict[str, PodLease] = {}
         self._sessions: set[KuberunSession] = set()
         self._next_session = 0
@@ -228,10 +238,21 @@ class SSHConnectionHandler:
             selector += f",{LABEL_SESSION_ID}={id_label_value(session_id)}"
         return manifest, selector
 
-    def start_connection_pod(self) -> PodLease:
+    def start_connection_pod(self) -> PodLease | WorkspaceClaim:
         if self._lease is None:
-            manifest, selector = self._manifest(None)
-            self._lease = self.network._lease(manifest, selector)
+            workspaces = self.network.workspaces
+            if self.config.pod.mode == "user" and workspaces is not None:
+                # The user's shared Pod: closing this connection never deletes it.
+                self._lease = workspaces.claim(
+                    self.username,
+                    connection_id=self.connection_id,
+                    client_address=self.network.client_address,
+                    on_lost=self.shutdown,
+                    audit=self.audit.pods(),
+                )
+            else:
+                manifest, selector = self._manifest(None)
+                self._lease = self.network._lease(manifest, selector)
             self._lease.start()
         return self._lease
 
@@ -239,10 +260,12 @@ class SSHConnectionHandler:
         return await self.start_connection_pod().wait()
 
     async def acquire_pod(self, session_id: str, progress: Callable[[str], None]) -> PodRef:
-        """The Pod a session runs in: the connection's, or (session mode) its own."""
+        """The Pod a session runs in: the connection's, the user's (user mode), or
+        (session mode) its own."""
         if self._closing:
             raise PodStartError("the connection is closing", "Closed")
-        if self.config.pod.mode == "connection":
+        lease: PodLease | WorkspaceClaim
+        if self.config.pod.mode != "session":
             lease = self.start_connection_pod()
         else:
             existing = self._session_leases.get(session_id)
@@ -305,9 +328,10 @@ class SSHConnectionHandler:
             session.abandon()
 
     async def close(self) -> None:
-        """Delete every Pod of this connection (waits for the deletions)."""
+        """Delete every Pod of this connection (waits for the deletions); in user mode,
+        give up this connection's share of the user's Pod instead."""
         self._closing = True
-        leases = list(self._session_leases.values())
+        leases: list[PodLease | WorkspaceClaim] = list(self._session_leases.values())
         self._session_leases.clear()
         if self._lease is not None:
             leases.append(self._lease)

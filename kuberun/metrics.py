@@ -100,6 +100,53 @@ class Metrics:
             registry=r,
         )
         self.connections_refused.labels(reason="max_startups")
+        # -- user mode (kuberun.workspace, kuberun.replicas) --
+        self.user_pods_reused = Counter(
+            "kuberun_user_pods_reused",
+            "Connections that joined an existing user Pod instead of creating one.",
+            registry=r,
+        )
+        self.user_pods_idle_deleted = Counter(
+            "kuberun_user_pods_idle_deleted",
+            "User Pods this replica deleted after pod.idle_timeout without a live claim.",
+            registry=r,
+        )
+        self.user_pods_claimed = Gauge(
+            "kuberun_user_pods_claimed",
+            "User Pods this replica holds a claim on (it has connections to them).",
+            registry=r,
+        )
+        self.user_pods_idle = Gauge(
+            "kuberun_user_pods_idle",
+            "User Pods this replica last saw without a live claim (idle clock running).",
+            registry=r,
+        )
+        self.claim_conflicts = Counter(
+            "kuberun_claim_conflicts",
+            "Writes on user Pods refused by a resourceVersion/UID precondition (409), "
+            "by operation (claim, release, delete): another replica got there first.",
+            ["operation"],
+            registry=r,
+        )
+        for operation in ("claim", "release", "delete"):
+            self.claim_conflicts.labels(operation=operation)
+        self.replicas_alive = Gauge(
+            "kuberun_replicas_alive",
+            "Gateway replicas (this one included) whose Lease this replica saw renewed "
+            "within its duration.",
+            registry=r,
+        )
+        self.lease_renew_failures = Counter(
+            "kuberun_lease_renew_failures",
+            "Failed renewals of this replica's Lease.",
+            registry=r,
+        )
+        self.claims_lost = Counter(
+            "kuberun_claims_lost",
+            "Times this replica could not renew its Lease in time and dropped its claims "
+            "(its user-mode sessions were ended).",
+            registry=r,
+        )
         self.exec_failures = Counter(
             "kuberun_exec_failures",
             "Exec streams that failed to open or were lost, by reason.",

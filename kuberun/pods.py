@@ -30,9 +30,11 @@ from .errors import KubernetesAPIError, PodStartError, PodStartTimeout
 
 __all__ = [
     "FATAL_WAITING_REASONS",
+    "JSONResponse",
     "PodController",
     "PodRef",
     "ProgressCallback",
+    "json_body",
     "pod_failure",
     "pod_is_ready",
     "pod_progress",
@@ -208,6 +210,22 @@ class PodController:
         self._failures = failures_counter
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
+
+    @property
+    def api(self) -> k8s.CoreV1Api:
+        """The ``CoreV1Api`` the controller calls (for callers composing requests of their own)."""
+        return self._api
+
+    async def call(
+        self,
+        what: str,
+        deadline: float,
+        func: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        """Run ``func`` (one API request) with this controller's retries, backoff and
+        counting until ``deadline`` (``time.monotonic``). Non-retryable failures raise
+        :class:`KubernetesAPIError`; running out of time raises :class:`PodStartTimeout`."""
+        return await self._call(what, deadline, func)
 
     async def _call(
         self,
@@ -503,6 +521,16 @@ async def _checked(call: Awaitable[Any]) -> aiohttp.ClientResponse:
     exc.body = body
     exc.headers = resp.headers
     raise exc
+
+
+#: The type of :func:`json_body`'s argument: a ``_preload_content=False`` call.
+JSONResponse = Awaitable[Any]
+
+
+async def json_body(call: JSONResponse) -> dict[str, Any]:
+    """Await a ``_preload_content=False`` call and decode its JSON body
+    (``ApiException`` on a non-2xx answer)."""
+    return await _json(call)
 
 
 async def _json(call: Awaitable[Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from .audit import Audit, AuditSink, ConnectionAudit, watch_auth
 from .config import Config
 from .handler import NetworkHandler, SSHConnectionHandler, new
 from .session import KuberunSession
+from .workspace import WorkspaceManager
 
 __all__ = ["Gateway", "SSHServer", "server_options"]
 
@@ -140,6 +141,17 @@ class Gateway:
         self._unauthenticated = 0
         self._refused = 0
         self._refusal_logged = -_REFUSAL_LOG_INTERVAL
+        #: User mode's claims, replica Lease and idle reaper (None in other modes).
+        self.workspaces: WorkspaceManager | None = None
+        if config.pod.mode == "user":
+            self.workspaces = WorkspaceManager(
+                api_client,
+                config,
+                logger=self.logger,
+                metrics=metrics,
+                identity=name,
+                track=self.track,
+            )
 
     def next_connection_id(self) -> str:
         """A unique, label-safe connection id."""
@@ -167,6 +179,7 @@ class Gateway:
             owner=self.owner,
             track=self.track,
             audit=audit,
+            workspaces=self.workspaces,
         )
 
     @property
@@ -214,7 +227,8 @@ class Gateway:
                 self.metrics.connections.dec()
 
     async def drain(self, message: str = "the gateway is shutting down") -> None:
-        """Tell every session, close every connection, and wait until every Pod is deleted."""
+        """Tell every session, close every connection, and wait until every Pod is deleted
+        (user mode: until this gateway's claims on user Pods are released)."""
         self.closing = True
         for server in list(self._servers):
             server.shutdown(message)
@@ -234,6 +248,10 @@ class Gateway:
             lambda: not self._servers, asyncio.get_running_loop().time() + _DRAIN_GRACE
         )
         await self.wait_tasks()
+        if self.workspaces is not None:
+            # Claims are released by now (connections closed); user Pods are left to
+            # the idle clock, never deleted here.
+            await self.workspaces.stop()
 
     async def wait_tasks(self) -> None:
         """Wait for background tasks (Pod deletions) until none are left."""

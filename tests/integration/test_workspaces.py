@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -66,3 +68,131 @@ async def test_placeholder_takes_the_dns_safe_form(gateway: Gateway, tmp_path: A
         pods = await wait_for(gateway.cluster.pods, 10, "the Pod")
         assert pods[0]["metadata"]["labels"]["home"] == f"home-{safe}"
     await gateway.wait_no_pods()
+
+
+# --------------------------------------------------------------------------
+# pod.mode: user, one gateway
+
+IDLE = 2.0
+USER_MODE = {"pod__mode": "user", "pod__idle_timeout": IDLE, "pod__lease_duration": 2}
+
+
+def _user_pods(gateway: Gateway) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in gateway.cluster.pods()
+        if p["metadata"]["labels"].get("kuberun.io/mode") == "user"
+    ]
+
+
+async def _whoami(conn: Any) -> tuple[str, str]:
+    result = await conn.run('printf "%s %s" "$HOSTNAME" "$HOME"', input="")
+    host, home = str(result.stdout).split()
+    return host, home
+
+
+@pytest.mark.parametrize("gateway_overrides", [USER_MODE])
+async def test_two_connections_of_one_user_share_the_pod(gateway: Gateway) -> None:
+    async with gateway.asyncssh_connect() as first, gateway.asyncssh_connect() as second:
+        host1, _ = await _whoami(first)
+        host2, _ = await _whoami(second)
+        assert host1 == host2 == "kuberun-alice"
+        await first.run('echo shared > "$HOME/note"', input="", check=True)
+        result = await second.run('cat "$HOME/note"', input="", check=True)
+        assert result.stdout == "shared\n"
+        pods = _user_pods(gateway)
+        assert len(pods) == 1
+        meta = pods[0]["metadata"]
+        assert meta["labels"]["kuberun.io/username"] == "alice"
+        assert "kuberun.io/connection-id" not in meta["labels"]
+        claims = [k for k in meta["annotations"] if k.startswith("claims.kuberun.io/")]
+        assert len(claims) == 1  # one replica: one claim, however many connections
+        assert gateway.runner.metrics.user_pods_reused._value.get() == 1
+        # Connected for longer than the idle timeout: the Pod stays.
+        await asyncio.sleep(IDLE * 2)
+        assert [p["metadata"]["uid"] for p in _user_pods(gateway)] == [meta["uid"]]
+
+
+@pytest.mark.parametrize("gateway_overrides", [USER_MODE])
+async def test_two_users_get_two_pods(gateway: Gateway) -> None:
+    gateway.user = "alice"
+    async with gateway.asyncssh_connect() as alice:
+        gateway.user = "Bob.Smith"
+        async with gateway.asyncssh_connect() as bob:
+            host_a, _ = await _whoami(alice)
+            host_b, _ = await _whoami(bob)
+    assert host_a == "kuberun-alice"
+    assert host_b == "kuberun-" + dns_safe_username("Bob.Smith")
+    names = sorted(p["metadata"]["name"] for p in _user_pods(gateway))
+    assert names == sorted([host_a, host_b])
+
+
+@pytest.mark.parametrize("gateway_overrides", [USER_MODE])
+async def test_reconnect_within_the_timeout_then_idle_deletion(gateway: Gateway) -> None:
+    async with gateway.asyncssh_connect() as conn:
+        await conn.run("echo kept > $HOME/state", input="", check=True)
+    uid = _user_pods(gateway)[0]["metadata"]["uid"]
+    await asyncio.sleep(IDLE / 2)
+    async with gateway.asyncssh_connect() as conn:
+        result = await conn.run("cat $HOME/state", input="", check=True)
+        assert result.stdout == "kept\n"
+    assert [p["metadata"]["uid"] for p in _user_pods(gateway)] == [uid]
+    left = time.monotonic()
+    deleted = await wait_for(
+        lambda: (
+            not any(
+                p["metadata"]["uid"] == uid and not p["metadata"].get("deletionTimestamp")
+                for p in gateway.cluster.pods()
+            )
+            and time.monotonic()
+        ),
+        IDLE + 15,
+        "the idle Pod deleted",
+    )
+    # Never before the idle timeout (a little slack: the release may precede `left`).
+    assert deleted - left >= IDLE - 0.2
+    await gateway.wait_no_pods()
+    assert gateway.runner.metrics.user_pods_idle_deleted._value.get() == 1
+    # The next connection gets a fresh Pod under the same name.
+    async with gateway.asyncssh_connect() as conn:
+        host, _ = await _whoami(conn)
+        assert host == "kuberun-alice"
+        assert _user_pods(gateway)[0]["metadata"]["uid"] != uid
+
+
+@pytest.mark.parametrize(
+    "gateway_overrides",
+    [
+        {
+            **USER_MODE,
+            "pod__spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "shell", "image": "debian"}],
+            },
+            # Ends (successfully) once $HOME/stop exists.
+            "pod__idle_command": [
+                "/bin/sh",
+                "-c",
+                'while [ ! -e "$HOME/stop" ]; do sleep 0.1; done',
+            ],
+        }
+    ],
+)
+async def test_a_pod_that_ended_is_replaced_not_reused(gateway: Gateway) -> None:
+    async with gateway.asyncssh_connect() as conn:
+        await conn.run('touch "$HOME/stop"', input="")
+        uid = _user_pods(gateway)[0]["metadata"]["uid"]
+        await wait_for(
+            lambda: any(
+                p["metadata"]["uid"] == uid and p["status"].get("phase") == "Succeeded"
+                for p in gateway.cluster.pods()
+            ),
+            20,
+            "the Pod to end",
+        )
+        # A second connection now must not join the Pod that ended.
+        async with gateway.asyncssh_connect() as again:
+            result = await again.run("echo ok", input="")
+            assert result.stdout == "ok\n"
+            pods = _user_pods(gateway)
+            assert len(pods) == 1 and pods[0]["metadata"]["uid"] != uid

@@ -308,6 +308,16 @@ def test_integer_seconds_become_floats() -> None:
         ({"kubernetes": {"kubeconfig": ""}}, "kubernetes.kubeconfig", "path or null"),
         ({"kubernetes": {"context": ""}}, "kubernetes.context", "context name or null"),
         ({"pod": {"mode": "sesion"}}, "pod.mode", "'connection', 'session'"),
+        ({"pod": {"mode": "users"}}, "pod.mode", "'user'"),
+        ({"pod": {"idle_timeout": -1}}, "pod.idle_timeout", ">= 0"),
+        ({"pod": {"idle_timeout": "30m"}}, "pod.idle_timeout", "expected a number"),
+        ({"pod": {"lease_duration": 0}}, "pod.lease_duration", "> 0"),
+        ({"pod": {"lease_duration": 0.5}}, "pod.lease_duration", "at least 1 second"),
+        (
+            {"pod": {"mode": "user", "metadata": {"name": "shared"}}},
+            "pod.metadata.name",
+            "'{username}'",
+        ),
         ({"pod": {"idle_command": []}}, "pod.idle_command", "non-empty"),
         ({"pod": {"shell_command": [""]}}, "pod.shell_command[0]", "must not be empty"),
         ({"pod": {"shell_command": ["/bin/sh", "a\0b"]}}, "pod.shell_command[1]", "NUL"),
@@ -322,6 +332,22 @@ def test_invalid_values_name_the_key(data: Any, path: str, problem: str) -> None
     err = error_for(data)
     assert err.path == path, str(err)
     assert problem in str(err)
+
+
+def test_user_mode_keys() -> None:
+    cfg = config_from_dict(
+        {
+            "pod": {
+                "mode": "user",
+                "idle_timeout": 0,
+                "lease_duration": 2.5,
+                "metadata": {"name": "ws-{username}"},
+            }
+        }
+    )
+    assert (cfg.pod.mode, cfg.pod.idle_timeout, cfg.pod.lease_duration) == ("user", 0, 2.5)
+    defaults = config_from_dict({"pod": {"mode": "user"}}).pod
+    assert (defaults.idle_timeout, defaults.lease_duration) == (1800, 15)
 
 
 def test_authorized_keys_template_may_escape_braces() -> None:

@@ -31,6 +31,14 @@ EXPECTED = {
     "kuberun_audit_recorded_bytes": "counter",
     "kuberun_audit_dropped_bytes": "counter",
     "kuberun_audit_write_errors": "counter",
+    "kuberun_user_pods_reused": "counter",
+    "kuberun_user_pods_idle_deleted": "counter",
+    "kuberun_user_pods_claimed": "gauge",
+    "kuberun_user_pods_idle": "gauge",
+    "kuberun_claim_conflicts": "counter",
+    "kuberun_replicas_alive": "gauge",
+    "kuberun_lease_renew_failures": "counter",
+    "kuberun_claims_lost": "counter",
 }
 
 
