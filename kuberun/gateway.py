@@ -161,6 +161,9 @@ class GatewayRunner:
             reuse_address=True,
             **server_options(self.config),
         )
+        if self.gateway.workspaces is not None:
+            # User mode: heartbeat and idle reaper run from the start, users or not.
+            self.gateway.workspaces.begin()
         sockets = self._acceptor.sockets
         self.port = sockets[0].getsockname()[1] if sockets else port
         if self.config.metrics.listen:

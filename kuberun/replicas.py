@@ -139,11 +139,16 @@ class ReplicaLease:
             },
         }
 
-    async def start(self, deadline: float) -> None:
-        """Create the Lease (if not yet) and keep renewing it; returns once it exists."""
+    def begin(self) -> None:
+        """Start creating and renewing the Lease in the background (idempotent)."""
         if self._started is None:
             self._started = asyncio.get_running_loop().create_future()
             self._task = asyncio.ensure_future(self._run())
+
+    async def start(self, deadline: float) -> None:
+        """:meth:`begin`, then wait until the Lease exists."""
+        self.begin()
+        assert self._started is not None
         remaining = max(0.0, deadline - time.monotonic())
         try:
             await asyncio.wait_for(asyncio.shield(self._started), remaining)
@@ -321,7 +326,9 @@ class ReplicaLease:
             if name == self.name or now - seen.since <= 2 * seen.duration:
                 continue
             if not seen.version:
-                del self._seen[name]  # long gone: forget it
+                # Long gone, but still remembered as such: forgetting it would make a
+                # stale claim under it look new (alive) again. One small entry per
+                # replica that came and went while this one ran.
                 continue
             body = k8s.V1DeleteOptions(
                 preconditions=k8s.V1Preconditions(uid=seen.uid, resource_version=seen.version)

@@ -196,13 +196,24 @@ class WorkspaceManager:
         pod = self.config.pod
         return max(0.2, min(pod.idle_timeout / 4, pod.lease_duration / 3, 10.0))
 
-    async def start(self, deadline: float) -> None:
-        """Create the replica Lease and start the idle reaper (idempotent)."""
+    def begin(self) -> None:
+        """Start the replica Lease and the idle reaper without waiting (idempotent).
+
+        A gateway calls this when it starts: its reaper must run even if no user
+        ever connects to it, or the Pods of replicas gone before it would stay.
+        """
         if self._stopped:
-            raise PodStartError("the gateway is shutting down", "Closed")
-        await self.lease.start(deadline)
+            return
+        self.lease.begin()
         if self._reaper is None:
             self._reaper = asyncio.ensure_future(self._reap_loop())
+
+    async def start(self, deadline: float) -> None:
+        """:meth:`begin`, then wait until the replica Lease exists."""
+        if self._stopped:
+            raise PodStartError("the gateway is shutting down", "Closed")
+        self.begin()
+        await self.lease.start(deadline)
 
     async def stop(self) -> None:
         """Stop the reaper and delete the replica Lease. Claims still held (connections

@@ -336,6 +336,54 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def inject_fault(cluster: DevCluster, rng: random.Random, budget: float) -> str:
+    """Inject one random fault (the mix of every chaos run); returns its label.
+
+    ``budget`` is the client's whole budget for one call (``timeouts.pod_start``):
+    "stuck" and "late-answer" faults outlast it.
+    """
+    faults = cluster.faults
+    choice = rng.randrange(12)
+    verb = rng.choice(("create", "watch", "delete", "create", "watch", "delete", "get", "list"))
+    if choice <= 2:
+        status = rng.choice((500, 503, 504, 429))
+        retry = 1 if status == 429 and rng.random() < 0.5 else None
+        faults.fail(status, verb=verb, count=rng.randrange(1, 4), retry_after=retry)
+        return f"fail-{status}-{verb}"
+    if choice == 3:
+        seconds = rng.choice((0.5, 1.5, 3.0))
+        faults.latency(seconds, verb=rng.choice(("create", "watch", "delete")), count=1)
+        return "latency"
+    if choice == 4:
+        # Requests that take longer than the whole budget (timeouts.pod_start or
+        # pod_stop): either stuck before anything happens, or carried out with
+        # the answer held back (the create's Pod exists; the client cannot know).
+        verb = rng.choice(("create", "delete", "watch"))
+        if rng.random() < 0.5:
+            faults.latency(budget + 2, verb=verb, count=1)
+            return f"stuck-{verb}"
+        verb = "create" if verb == "watch" else verb
+        faults.slow_response(budget + 2, verb=verb, count=1)
+        return f"late-answer-{verb}"
+    if choice == 5:
+        faults.drop_watches(after_events=rng.randrange(0, 3), count=1)
+        return "drop-watch"
+    if choice in (6, 7):
+        faults.drop_exec(after_bytes=rng.choice((0, 100, 70000, 1 << 20)), count=1)
+        return "drop-exec"
+    if choice == 8:
+        faults.fail_image_pull(count=1)
+        return "image-pull"
+    if choice == 9:
+        faults.delay_pod_start(rng.choice((1.0, 3.0)), count=1)
+        return "slow-start"
+    if choice == 10:
+        faults.fail(500, verb="exec", count=1)
+        return "fail-exec"
+    faults.latency(rng.choice((1.0, 3.0)), verb="exec", count=1)
+    return "slow-exec"
+
+
 class Chaos:
     def __init__(self, options: Options, cluster: TestCluster, workdir: Path) -> None:
         self.options = options
@@ -681,46 +729,7 @@ class Chaos:
     # -- faults ---------------------------------------------------------------------------
 
     def inject(self, rng: random.Random) -> str:
-        faults = self.cluster.dev.faults
-        choice = rng.randrange(12)
-        verb = rng.choice(("create", "watch", "delete", "create", "watch", "delete", "get", "list"))
-        if choice <= 2:
-            status = rng.choice((500, 503, 504, 429))
-            retry = 1 if status == 429 and rng.random() < 0.5 else None
-            faults.fail(status, verb=verb, count=rng.randrange(1, 4), retry_after=retry)
-            return f"fail-{status}-{verb}"
-        if choice == 3:
-            seconds = rng.choice((0.5, 1.5, 3.0))
-            faults.latency(seconds, verb=rng.choice(("create", "watch", "delete")), count=1)
-            return "latency"
-        if choice == 4:
-            # Requests that take longer than the whole budget (timeouts.pod_start or
-            # pod_stop): either stuck before anything happens, or carried out with
-            # the answer held back (the create's Pod exists; the client cannot know).
-            verb = rng.choice(("create", "delete", "watch"))
-            if rng.random() < 0.5:
-                faults.latency(POD_START + 2, verb=verb, count=1)
-                return f"stuck-{verb}"
-            verb = "create" if verb == "watch" else verb
-            faults.slow_response(POD_START + 2, verb=verb, count=1)
-            return f"late-answer-{verb}"
-        if choice == 5:
-            faults.drop_watches(after_events=rng.randrange(0, 3), count=1)
-            return "drop-watch"
-        if choice in (6, 7):
-            faults.drop_exec(after_bytes=rng.choice((0, 100, 70000, 1 << 20)), count=1)
-            return "drop-exec"
-        if choice == 8:
-            faults.fail_image_pull(count=1)
-            return "image-pull"
-        if choice == 9:
-            faults.delay_pod_start(rng.choice((1.0, 3.0)), count=1)
-            return "slow-start"
-        if choice == 10:
-            faults.fail(500, verb="exec", count=1)
-            return "fail-exec"
-        faults.latency(rng.choice((1.0, 3.0)), verb="exec", count=1)
-        return "slow-exec"
+        return inject_fault(self.cluster.dev, rng, POD_START)
 
     def inject_some(self, rng: random.Random) -> None:
         """Before a chaos lifecycle starts: a few faults (``faults_per_lifecycle`` on
@@ -914,6 +923,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="WARNING", help="of the gateway process")
     parser.add_argument("--only", default="", help="comma-separated lifecycle kinds")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="run user mode (pod.mode: user) on this many gateway replicas that are "
+        "killed, stopped and restarted (see chaos_replicas.py); 0: the single-gateway run",
+    )
+    parser.add_argument("--users", type=int, default=4, help="with --replicas: users")
     parser.add_argument("--json", help="write the report here as JSON")
     parser.add_argument("--workdir", help="keep keys, configs and gateway logs here")
     parser.add_argument(
@@ -923,6 +940,8 @@ def main(argv: list[str] | None = None) -> int:
         "(chaos_real.py) instead of devcluster's (make chaos-real)",
     )
     args = parser.parse_args(argv)
+    if args.replicas:
+        return _main_replicas(args)
     options = Options(
         seed=args.seed,
         lifecycles=args.lifecycles,
@@ -962,6 +981,33 @@ def main(argv: list[str] | None = None) -> int:
                 default=str,
             )
         )
+    return 1 if report.violations else 0
+
+
+def _main_replicas(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from .chaos_replicas import ReplicaOptions, run_replica_chaos
+
+    options = ReplicaOptions(
+        seed=args.seed,
+        replicas=args.replicas,
+        lifecycles=args.lifecycles,
+        concurrency=args.concurrency,
+        users=args.users,
+        faults_per_lifecycle=args.faults_per_lifecycle,
+        log_level=args.log_level,
+        verbose=args.verbose,
+    )
+    workdir = None
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=False)
+    report = uvloop.run(run_replica_chaos(options, workdir))
+    print(report.summary())
+    if args.json:
+        data = {k: v for k, v in report.__dict__.items() if k != "options"}
+        Path(args.json).write_text(json.dumps(data, indent=2, default=str))
     return 1 if report.violations else 0
 
 

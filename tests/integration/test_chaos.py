@@ -34,3 +34,19 @@ async def test_chaos(tmp_path: Path) -> None:
     assert any(o.result == "kuberun-error" for o in report.outcomes), summary
     assert any(o.result == "killed" for o in report.outcomes), summary
     assert all(e.gateway_exit == 0 for e in report.epochs), summary
+
+
+async def test_chaos_replicas(tmp_path: Path) -> None:
+    """User mode on three replicas, killed, stopped and restarted under faults."""
+    from .chaos_replicas import ReplicaOptions, run_replica_chaos
+
+    options = ReplicaOptions(seed=SEED, replicas=3, lifecycles=40, concurrency=6, users=3)
+    report = await run_replica_chaos(options, tmp_path)
+    summary = report.summary()
+    print(summary)
+    assert not report.violations, f"{summary}\n(replica logs in {tmp_path})"
+    assert report.deleted_under_connection == 0 and report.duplicates == 0
+    assert report.leaked_pods == 0 and report.unhandled_exceptions == 0
+    assert report.lifecycles == 40 and report.shared_checks > 0, summary
+    assert report.disruptions["restart"] >= 1, summary
+    assert report.pods_deleted >= 1, summary  # idle deletion really happened
