@@ -49,6 +49,8 @@ import aiohttp
 import asyncssh
 import yaml
 
+from kuberun.devcluster import DevCluster
+
 from .chaos_real import RealFaults
 from .clusters import RealTestCluster, TestCluster, open_cluster
 

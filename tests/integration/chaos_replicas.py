@@ -111,8 +111,7 @@ class ReplicaReport:
             f"  two-replica sharing checks: {self.shared_checks}; unhandled exceptions: "
             f"{self.unhandled_exceptions}",
             f"  replica disruptions: {dict(sorted(self.disruptions.items()))}",
-            f"  faults injected: {sum(self.faults.values())} "
-            f"({dict(sorted(self.faults.items()))})",
+            f"  faults injected: {sum(self.faults.values())} ({dict(sorted(self.faults.items()))})",
             "  outcomes: " + ", ".join(f"{k}={v}" for k, v in sorted(self.outcomes.items())),
         ]
         lines += [f"  VIOLATION: {v}" for v in self.violations[:50]]

@@ -36,6 +36,7 @@ async def test_chaos(tmp_path: Path) -> None:
     assert all(e.gateway_exit == 0 for e in report.epochs), summary
 
 
+@pytest.mark.devcluster_only  # devcluster's faults, and a probe in its storage
 async def test_chaos_replicas(tmp_path: Path) -> None:
     """User mode on three replicas, killed, stopped and restarted under faults."""
     from .chaos_replicas import ReplicaOptions, run_replica_chaos

@@ -77,12 +77,27 @@ IDLE = 2.0
 USER_MODE = {"pod__mode": "user", "pod__idle_timeout": IDLE, "pod__lease_duration": 2}
 
 
-def _user_pods(gateway: Gateway) -> list[dict[str, Any]]:
+async def _user_pods(gateway: Gateway) -> list[dict[str, Any]]:
     return [
         p
-        for p in gateway.cluster.pods()
+        for p in await gateway.cluster.pods()
         if p["metadata"]["labels"].get("kuberun.io/mode") == "user"
     ]
+
+
+async def _deleted_at(gateway: Gateway, uid: str) -> float | None:
+    """The time if the Pod ``uid`` is gone or terminating, else None."""
+    for p in await gateway.cluster.pods():
+        if p["metadata"]["uid"] == uid and not p["metadata"].get("deletionTimestamp"):
+            return None
+    return time.monotonic()
+
+
+async def _phase(gateway: Gateway, uid: str) -> str | None:
+    for p in await gateway.cluster.pods():
+        if p["metadata"]["uid"] == uid:
+            return str((p.get("status") or {}).get("phase"))
+    return None
 
 
 async def _whoami(conn: Any) -> tuple[str, str]:
@@ -100,7 +115,7 @@ async def test_two_connections_of_one_user_share_the_pod(gateway: Gateway) -> No
         await first.run('echo shared > "$HOME/note"', input="", check=True)
         result = await second.run('cat "$HOME/note"', input="", check=True)
         assert result.stdout == "shared\n"
-        pods = _user_pods(gateway)
+        pods = await _user_pods(gateway)
         assert len(pods) == 1
         meta = pods[0]["metadata"]
         assert meta["labels"]["kuberun.io/username"] == "alice"
@@ -110,7 +125,7 @@ async def test_two_connections_of_one_user_share_the_pod(gateway: Gateway) -> No
         assert gateway.runner.metrics.user_pods_reused._value.get() == 1
         # Connected for longer than the idle timeout: the Pod stays.
         await asyncio.sleep(IDLE * 2)
-        assert [p["metadata"]["uid"] for p in _user_pods(gateway)] == [meta["uid"]]
+        assert [p["metadata"]["uid"] for p in (await _user_pods(gateway))] == [meta["uid"]]
 
 
 @pytest.mark.parametrize("gateway_overrides", [USER_MODE])
@@ -123,7 +138,7 @@ async def test_two_users_get_two_pods(gateway: Gateway) -> None:
             host_b, _ = await _whoami(bob)
     assert host_a == "kuberun-alice"
     assert host_b == "kuberun-" + dns_safe_username("Bob.Smith")
-    names = sorted(p["metadata"]["name"] for p in _user_pods(gateway))
+    names = sorted(p["metadata"]["name"] for p in (await _user_pods(gateway)))
     assert names == sorted([host_a, host_b])
 
 
@@ -131,24 +146,14 @@ async def test_two_users_get_two_pods(gateway: Gateway) -> None:
 async def test_reconnect_within_the_timeout_then_idle_deletion(gateway: Gateway) -> None:
     async with gateway.asyncssh_connect() as conn:
         await conn.run("echo kept > $HOME/state", input="", check=True)
-    uid = _user_pods(gateway)[0]["metadata"]["uid"]
+    uid = (await _user_pods(gateway))[0]["metadata"]["uid"]
     await asyncio.sleep(IDLE / 2)
     async with gateway.asyncssh_connect() as conn:
         result = await conn.run("cat $HOME/state", input="", check=True)
         assert result.stdout == "kept\n"
-    assert [p["metadata"]["uid"] for p in _user_pods(gateway)] == [uid]
+    assert [p["metadata"]["uid"] for p in (await _user_pods(gateway))] == [uid]
     left = time.monotonic()
-    deleted = await wait_for(
-        lambda: (
-            not any(
-                p["metadata"]["uid"] == uid and not p["metadata"].get("deletionTimestamp")
-                for p in gateway.cluster.pods()
-            )
-            and time.monotonic()
-        ),
-        IDLE + 15,
-        "the idle Pod deleted",
-    )
+    deleted = await wait_for(lambda: _deleted_at(gateway, uid), IDLE + 15, "the idle Pod deleted")
     # Never before the idle timeout (a little slack: the release may precede `left`).
     assert deleted - left >= IDLE - 0.2
     await gateway.wait_no_pods()
@@ -157,7 +162,7 @@ async def test_reconnect_within_the_timeout_then_idle_deletion(gateway: Gateway)
     async with gateway.asyncssh_connect() as conn:
         host, _ = await _whoami(conn)
         assert host == "kuberun-alice"
-        assert _user_pods(gateway)[0]["metadata"]["uid"] != uid
+        assert (await _user_pods(gateway))[0]["metadata"]["uid"] != uid
 
 
 @pytest.mark.parametrize(
@@ -181,18 +186,15 @@ async def test_reconnect_within_the_timeout_then_idle_deletion(gateway: Gateway)
 async def test_a_pod_that_ended_is_replaced_not_reused(gateway: Gateway) -> None:
     async with gateway.asyncssh_connect() as conn:
         await conn.run('touch "$HOME/stop"', input="")
-        uid = _user_pods(gateway)[0]["metadata"]["uid"]
-        await wait_for(
-            lambda: any(
-                p["metadata"]["uid"] == uid and p["status"].get("phase") == "Succeeded"
-                for p in gateway.cluster.pods()
-            ),
-            20,
-            "the Pod to end",
-        )
+        uid = (await _user_pods(gateway))[0]["metadata"]["uid"]
+
+        async def ended() -> bool:
+            return await _phase(gateway, uid) == "Succeeded"
+
+        await wait_for(ended, 20, "the Pod to end")
         # A second connection now must not join the Pod that ended.
         async with gateway.asyncssh_connect() as again:
             result = await again.run("echo ok", input="")
             assert result.stdout == "ok\n"
-            pods = _user_pods(gateway)
+            pods = await _user_pods(gateway)
             assert len(pods) == 1 and pods[0]["metadata"]["uid"] != uid

@@ -21,7 +21,11 @@ import pytest
 from kuberun.devcluster import DevCluster
 
 from .chaos import GatewayProcess, _free_port
+from .clusters import TestCluster
 from .conftest import wait_for
+
+# The replicas' Leases and devcluster's request log are read directly.
+pytestmark = pytest.mark.devcluster_only
 
 IDLE = 2.0
 LEASE = 2.0
@@ -85,9 +89,9 @@ class Replicas:
 
 @pytest.fixture
 async def replicas(
-    cluster: DevCluster, tmp_path: Path, client_key: Path
+    cluster: TestCluster, tmp_path: Path, client_key: Path
 ) -> AsyncIterator[Replicas]:
-    r = Replicas(cluster, tmp_path, client_key)
+    r = Replicas(cluster.dev, tmp_path, client_key)
     try:
         yield r
     finally:
