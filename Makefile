@@ -109,3 +109,9 @@ chaos-real: build
 bench-real: build
 	./scripts/with-realcluster $(REALCLUSTER_DIR) env KUBERUN_REQUIRE_EXTENSIONS=1 \
 		$(PY) -m benchmarks.real_path $(BENCH_REAL_ARGS)
+# The real single-node Kubernetes the real-cluster tiers run against: builds (and caches under
+# ~/.cache/kuberun-realcluster) Kubernetes, etcd, containerd, runc, the CNI plugins and the
+# images; starts nothing. `scripts/realcluster up DIR` / `down DIR` run it (see README).
+.PHONY: realcluster
+realcluster:
+	./scripts/realcluster build
