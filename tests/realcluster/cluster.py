@@ -110,7 +110,7 @@ def up(layout: Layout, binaries: Binaries) -> None:
         ensure_pki(layout.pki, node, ip, SERVICE_IP)
         write_configs(layout, binaries, ip)
         api = Api("127.0.0.1", APISERVER_PORT, layout.pki)
-        _start(layout, binaries, api, ip, node)
+        _start(layout, binaries, api)
         _wait_usable(layout, api, node)
     except BaseException:
         log(f"start failed; stopping what was started (logs stay in {layout.logs})")
@@ -119,54 +119,66 @@ def up(layout: Layout, binaries: Binaries) -> None:
     log(f"ready in {time.monotonic() - started:.0f}s: KUBECONFIG={layout.kubeconfig}")
 
 
-def _start(layout: Layout, binaries: Binaries, api: Api, ip: str, node: str) -> None:
-    argvs = command_lines(layout, binaries, ip, node)
-    started: list[str] = []
+def _launch(layout: Layout, binaries: Binaries, api: Api, name: str, first: bool) -> None:
+    """Start daemon ``name`` and wait until it serves; ``first`` on a fresh cluster."""
+    argv = command_lines(layout, binaries, node_ip(), node_name())[name]
+    env = None
+    if name == "containerd":
+        # The shim is found on PATH; runc and the CNI plugins by the paths in the config.
+        env = dict(os.environ, PATH=f"{binaries.runtime}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    if name == "kubelet":
+        # Bridge-to-Pod traffic and Pod-to-Pod through the node need forwarding.
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
+    processes.start(layout, name, argv, env)
 
-    def launch(name: str, env: dict[str, str] | None = None) -> None:
-        processes.start(layout, name, argvs[name], env)
-        started.append(name)
+    def serving() -> bool | None:
+        processes.check_alive(layout, [name])
+        if name == "etcd":
+            return _etcd_healthy() or None
+        if name == "kube-apiserver":
+            return api.probe("GET", "/readyz")[0] == 200 or None
+        if name == "containerd":
+            return run([*_ctr(layout, binaries), "version"], check=False).returncode == 0 or None
+        if name == "kubelet" and not first:
+            return _node_ready(api, node_name())
+        return True  # the others are judged by what they do (ServiceAccounts, scheduling)
 
-    def alive_then(check: Any) -> Any:
-        def poll() -> Any:
-            processes.check_alive(layout, started)
-            return check()
+    wait_for(name, serving, 180, lambda: processes.log_tail(layout, name))
+    if name == "containerd" and first:
+        for image, archive in ensure_images(CACHE).items():
+            # Into the CRI's namespace, unpacked, so the kubelet finds it as already present.
+            run([*_ctr(layout, binaries), "-n", "k8s.io", "images", "import", str(archive)])
+            log(f"imported {image}")
 
-        return poll
 
-    launch("etcd")
-    wait_for("etcd", alive_then(lambda: _etcd_healthy() or None), 60)
-    launch("kube-apiserver")
-    wait_for(
-        "kube-apiserver /readyz",
-        alive_then(lambda: api.probe("GET", "/readyz")[0] == 200 or None),
-        180,
-        lambda: processes.log_tail(layout, "kube-apiserver"),
-    )
-    launch("kube-controller-manager")
-    launch("kube-scheduler")
-    layout.state.mkdir(parents=True, exist_ok=True)
-    # The shim is found on PATH; runc and the CNI plugins by the paths in the config.
-    env = dict(os.environ, PATH=f"{binaries.runtime}:{os.environ.get('PATH', '/usr/bin:/bin')}")
-    launch("containerd", env)
-    ctr = [str(binaries.runtime / "ctr"), "--address", str(layout.containerd_socket)]
-    wait_for(
-        "containerd",
-        alive_then(lambda: run([*ctr, "version"], check=False).returncode == 0 or None),
-        60,
-        lambda: processes.log_tail(layout, "containerd"),
-    )
-    for name, archive in ensure_images(CACHE).items():
-        # Into the CRI's namespace, unpacked, so the kubelet finds it as already present.
-        run([*ctr, "--namespace", "k8s.io", "images", "import", str(archive)])
-        log(f"imported {name}")
-    # Bridge-to-Pod traffic and Pod-to-Pod through the node need forwarding.
-    Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-    launch("kubelet")
-    for name in started:
-        # Verified here, once they all run: they must outlive this process (setsid + nohup).
-        if processes.running_pid(layout, name) is None:
-            raise ClusterError(f"{name} exited\n{processes.log_tail(layout, name)}")
+def _ctr(layout: Layout, binaries: Binaries) -> list[str]:
+    return [str(binaries.runtime / "ctr"), "--address", str(layout.containerd_socket)]
+
+
+def _start(layout: Layout, binaries: Binaries, api: Api) -> None:
+    for name in DAEMONS:
+        _launch(layout, binaries, api, name, first=True)
+    # Verified once they all run: they must outlive this process (own session, stdin closed).
+    processes.check_alive(layout, DAEMONS)
+
+
+def restart(layout: Layout, binaries: Binaries, names: list[str]) -> None:
+    """Stop (SIGTERM, then SIGKILL) and start again the named daemons, keeping all state.
+
+    For fault injection: a daemon killed from outside is simply started again. Containers
+    survive a containerd or kubelet restart, as on a production node.
+    """
+    _require_root()
+    unknown = sorted(set(names) - set(DAEMONS))
+    if unknown:
+        raise ClusterError(f"unknown daemon(s) {unknown}; choose from {DAEMONS}")
+    if not layout.kubeconfig.exists():
+        raise ClusterError(f"no cluster in {layout.root}; run up first")
+    api = Api("127.0.0.1", APISERVER_PORT, layout.pki)
+    for name in [n for n in DAEMONS if n in names]:
+        processes.stop(layout, [name])
+        _launch(layout, binaries, api, name, first=False)
+        log(f"restarted {name}")
 
 
 def _etcd_healthy() -> bool:

@@ -95,6 +95,10 @@ state = "{state / "containerd-state"}"
 [plugins.'io.containerd.cri.v1.runtime']
   # Network namespaces mounted under DIR so down finds and unmounts every one of them.
   netns_mounts_under_state_dir = true
+  # These machines withhold CAP_SYS_RESOURCE even from root, so no process may lower its
+  # oom_score_adj below its parent's: clamp the kubelet's requests (-998 for sandboxes) at
+  # containerd's own score instead of failing every sandbox with EACCES.
+  restrict_oom_score_adj = true
   tolerate_missing_hugetlb_controller = true
   disable_hugetlb_controller = true
 [plugins.'io.containerd.cri.v1.runtime'.containerd]
@@ -137,6 +141,8 @@ def _kubelet_config(layout: Layout) -> dict[str, object]:
         "rotateCertificates": False,
         "serverTLSBootstrap": False,
         "readOnlyPort": 0,
+        # Without CAP_SYS_RESOURCE (see the containerd config) the default -999 cannot be set.
+        "oomScoreAdj": 0,
         "healthzBindAddress": "127.0.0.1",
         "podLogsDir": str(layout.state / "pod-logs"),
         # Images come only from ctr import: never let image GC delete them under a test,

@@ -13,6 +13,7 @@ removes the kubepods cgroups.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -64,7 +65,9 @@ def running_pid(layout: Layout, name: str) -> int | None:
     # A zombie (state Z) has exited; pid reuse shows as a different command line.
     if stat.rsplit(")", 1)[1].split()[0] == "Z":
         return None
-    if str(layout.root).encode() not in cmdline:
+    # An empty command line is a process still inside execve (seen right after Popen returns,
+    # under load, while a 150 MB binary is mapped): it is ours and starting.
+    if cmdline and str(layout.root).encode() not in cmdline:
         return None
     return pid
 
@@ -117,6 +120,7 @@ def stop(layout: Layout, names: list[str], timeout: float = 15) -> None:
     _signal_all(pids, signal.SIGTERM)
     stubborn = _wait_gone(pids, timeout)
     if stubborn:
+        log(f"pids {stubborn} did not exit {timeout:.0f}s after SIGTERM; killing them")
         _signal_all(stubborn, signal.SIGKILL)
         _wait_gone(stubborn, 5)
     for name in names:
@@ -236,6 +240,10 @@ def remove_container_log_links(layout: Layout) -> None:
         for link in directory.iterdir():
             if link.is_symlink() and os.readlink(link).startswith(str(layout.root) + "/"):
                 link.unlink()
+        try:
+            directory.rmdir()  # the kubelet created it; kept if anything else lives there
+        except OSError:
+            pass
 
 
 def remove_stale_sockets() -> None:
@@ -262,16 +270,52 @@ def remove_stale_sockets() -> None:
                 break
 
 
+def remove_iptables_chains() -> None:
+    """Delete the KUBE-* chains the kubelet adds and the CNI-* chains of the portmap plugin.
+
+    The kubelet installs KUBE-FIREWALL (hooked into INPUT and OUTPUT) and canary chains in
+    every table; they are machine state, so ``down`` removes them: first the rules jumping
+    into them from other chains, then the chains themselves.
+    """
+    ours = ("KUBE-", "CNI-")
+    for tool in ("iptables", "ip6tables"):
+        for table in ("filter", "nat", "mangle"):
+            listed = subprocess.run(
+                [tool, "-w", "-t", table, "-S"], capture_output=True, text=True, check=False
+            )
+            if listed.returncode != 0:
+                continue  # tool or table absent: nothing of ours can be there
+            chains = []
+            for line in listed.stdout.splitlines():
+                words = shlex.split(line)  # rules may carry quoted comments
+                if words[:1] == ["-N"] and words[1].startswith(ours):
+                    chains.append(words[1])
+                elif words[:1] == ["-A"] and not words[1].startswith(ours):
+                    jump = words[words.index("-j") + 1] if "-j" in words else ""
+                    if jump.startswith(ours):
+                        # "-A INPUT ..." → "-D INPUT ...": the same rule, deleted.
+                        subprocess.run([tool, "-w", "-t", table, "-D", *words[1:]],
+                                       capture_output=True, check=False)
+            for flag in ("-F", "-X"):
+                for chain in chains:
+                    subprocess.run([tool, "-w", "-t", table, flag, chain],
+                                   capture_output=True, check=False)
+
+
 def teardown(layout: Layout, components: list[str]) -> None:
     """Stop the daemons and remove containers, mounts, devices and cgroups of this cluster."""
     # The kubelet first, so it does not restart what is being killed; then the runtime.
     stop(layout, ["kubelet"])
     stop(layout, ["containerd"])
     kill_containers(layout)
+    # The apiserver waits for etcd while shutting down: clients first, etcd last.
+    stop(layout, [c for c in components if c.startswith("kube-") and c != "kube-apiserver"])
+    stop(layout, ["kube-apiserver"])
     stop(layout, [c for c in components if c not in ("kubelet", "containerd")])
     unmount_all(layout.root)
     remove_network()
     remove_cgroups()
     remove_container_log_links(layout)
     remove_stale_sockets()
+    remove_iptables_chains()
     log(f"stopped the cluster in {layout.root}")
