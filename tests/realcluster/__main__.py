@@ -1,4 +1,4 @@
-"""Command line of the real cluster: ``python3 -m tests.realcluster {build,up,down,restart}``.
+"""Command line of the real cluster: ``python3 -m tests.realcluster {build,up,down} [DIR]``.
 
 Run through ``scripts/realcluster``. Exit status 0 on success; 1 with the reason (and the tail of
 the failing component's log) on stderr otherwise.
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tests.realcluster.cluster import DAEMONS, build, down, restart, up
+from tests.realcluster.cluster import build, down, up
 from tests.realcluster.common import ClusterError, log
 from tests.realcluster.layout import Binaries, Layout
 
@@ -28,9 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     ):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("dir", type=Path, help="the cluster's directory (kubeconfig, logs)")
-    sub = commands.add_parser("restart", help="stop and start daemons again, keeping state")
-    sub.add_argument("dir", type=Path, help="the cluster's directory")
-    sub.add_argument("daemons", nargs="+", metavar="DAEMON", help=", ".join(DAEMONS))
     args = parser.parse_args(argv)
     binaries = Binaries()
     try:
@@ -40,10 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             layout = Layout(args.dir.resolve())
             if args.command == "up":
                 up(layout, binaries)
-            elif args.command == "down":
-                down(layout)
             else:
-                restart(layout, binaries, args.daemons)
+                down(layout)
     except ClusterError as exc:
         log(f"{args.command} failed: {exc}")
         return 1

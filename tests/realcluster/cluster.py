@@ -119,8 +119,8 @@ def up(layout: Layout, binaries: Binaries) -> None:
     log(f"ready in {time.monotonic() - started:.0f}s: KUBECONFIG={layout.kubeconfig}")
 
 
-def _launch(layout: Layout, binaries: Binaries, api: Api, name: str, first: bool) -> None:
-    """Start daemon ``name`` and wait until it serves; ``first`` on a fresh cluster."""
+def _launch(layout: Layout, binaries: Binaries, api: Api, name: str) -> None:
+    """Start daemon ``name`` and wait until it serves (scripts/realcluster-restart restarts one)."""
     argv = command_lines(layout, binaries, node_ip(), node_name())[name]
     env = None
     if name == "containerd":
@@ -139,12 +139,10 @@ def _launch(layout: Layout, binaries: Binaries, api: Api, name: str, first: bool
             return api.probe("GET", "/readyz")[0] == 200 or None
         if name == "containerd":
             return run([*_ctr(layout, binaries), "version"], check=False).returncode == 0 or None
-        if name == "kubelet" and not first:
-            return _node_ready(api, node_name())
-        return True  # the others are judged by what they do (ServiceAccounts, scheduling)
+        return True  # the others are judged by what they do (node Ready, ServiceAccounts, Pods)
 
     wait_for(name, serving, 180, lambda: processes.log_tail(layout, name))
-    if name == "containerd" and first:
+    if name == "containerd":
         for image, archive in ensure_images(CACHE).items():
             # Into the CRI's namespace, unpacked, so the kubelet finds it as already present.
             run([*_ctr(layout, binaries), "-n", "k8s.io", "images", "import", str(archive)])
@@ -157,28 +155,9 @@ def _ctr(layout: Layout, binaries: Binaries) -> list[str]:
 
 def _start(layout: Layout, binaries: Binaries, api: Api) -> None:
     for name in DAEMONS:
-        _launch(layout, binaries, api, name, first=True)
+        _launch(layout, binaries, api, name)
     # Verified once they all run: they must outlive this process (own session, stdin closed).
     processes.check_alive(layout, DAEMONS)
-
-
-def restart(layout: Layout, binaries: Binaries, names: list[str]) -> None:
-    """Stop (SIGTERM, then SIGKILL) and start again the named daemons, keeping all state.
-
-    For fault injection: a daemon killed from outside is simply started again. Containers
-    survive a containerd or kubelet restart, as on a production node.
-    """
-    _require_root()
-    unknown = sorted(set(names) - set(DAEMONS))
-    if unknown:
-        raise ClusterError(f"unknown daemon(s) {unknown}; choose from {DAEMONS}")
-    if not layout.kubeconfig.exists():
-        raise ClusterError(f"no cluster in {layout.root}; run up first")
-    api = Api("127.0.0.1", APISERVER_PORT, layout.pki)
-    for name in [n for n in DAEMONS if n in names]:
-        processes.stop(layout, [name])
-        _launch(layout, binaries, api, name, first=False)
-        log(f"restarted {name}")
 
 
 def _etcd_healthy() -> bool:
