@@ -68,7 +68,11 @@ def _running(layout: Layout) -> list[str]:
 def down(layout: Layout) -> None:
     """Stop the cluster in DIR and remove its containers, mounts, devices and state."""
     _require_root()
-    processes.teardown(layout, DAEMONS)
+    other = _other_active_cluster(layout)
+    shared = other is not None and bool(_running(other))
+    if shared and other is not None:
+        log(f"the cluster from {other.root} is running: leaving the machine-wide parts to it")
+    processes.teardown(layout, DAEMONS, machine_wide=not shared)
     for path in layout.cleanup_paths():
         if path.is_dir():
             run(["rm", "-rf", "--one-file-system", str(path)])

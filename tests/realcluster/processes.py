@@ -166,14 +166,16 @@ def _shim_pids(layout: Layout) -> set[int]:
     return pids
 
 
-def kill_containers(layout: Layout) -> None:
-    """SIGKILL every container process and this cluster's shims.
+def kill_containers(layout: Layout, machine_wide: bool) -> None:
+    """SIGKILL this cluster's shims and (``machine_wide``) every container process.
 
     Containers are found through the kubepods cgroups rather than the runtime, which may be
     the thing that crashed. Repeated because a process may fork while the others are killed.
     """
     for _attempt in range(20):
-        pids = _cgroup_pids(_kubepods_cgroups()) | _shim_pids(layout)
+        pids = _shim_pids(layout)
+        if machine_wide:
+            pids |= _cgroup_pids(_kubepods_cgroups())
         if not pids:
             return
         _signal_all(sorted(pids), signal.SIGKILL)
@@ -302,20 +304,26 @@ def remove_iptables_chains() -> None:
                                    capture_output=True, check=False)
 
 
-def teardown(layout: Layout, components: list[str]) -> None:
-    """Stop the daemons and remove containers, mounts, devices and cgroups of this cluster."""
+def teardown(layout: Layout, components: list[str], machine_wide: bool = True) -> None:
+    """Stop the daemons and remove containers, mounts, devices and cgroups of this cluster.
+
+    ``machine_wide=False`` (another DIR's cluster is running) touches only what is this DIR's
+    own: its daemons, its shims, its mounts. The Pod bridge, the kubepods cgroups, the
+    iptables chains and the fixed socket directories are shared and belong to the other one.
+    """
     # The kubelet first, so it does not restart what is being killed; then the runtime.
     stop(layout, ["kubelet"])
     stop(layout, ["containerd"])
-    kill_containers(layout)
+    kill_containers(layout, machine_wide)
     # The apiserver waits for etcd while shutting down: clients first, etcd last.
     stop(layout, [c for c in components if c.startswith("kube-") and c != "kube-apiserver"])
     stop(layout, ["kube-apiserver"])
     stop(layout, [c for c in components if c not in ("kubelet", "containerd")])
     unmount_all(layout.root)
-    remove_network()
-    remove_cgroups()
     remove_container_log_links(layout)
-    remove_stale_sockets()
-    remove_iptables_chains()
+    if machine_wide:
+        remove_network()
+        remove_cgroups()
+        remove_stale_sockets()
+        remove_iptables_chains()
     log(f"stopped the cluster in {layout.root}")
