@@ -7,12 +7,31 @@ the failing component's log) on stderr otherwise.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import os
 import sys
 from pathlib import Path
 
 from tests.realcluster.cluster import build, down, up
 from tests.realcluster.common import ClusterError, log
 from tests.realcluster.layout import Binaries, Layout
+
+# One run at a time on a machine: the cluster's ports, bridge and cgroups are machine-wide,
+# and two builds would race on the cache. The lock dies with the process holding it.
+LOCK = Path("/run/kuberun-realcluster.lock")
+
+
+def _serialize() -> None:
+    try:
+        lock = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ClusterError(f"cannot open {LOCK} (needs root): {exc}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"waiting for another scripts/realcluster run ({LOCK})")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    # The descriptor stays open (and locked) until this process exits.
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     binaries = Binaries()
     try:
+        _serialize()
         if args.command == "build":
             build(binaries)
         else:

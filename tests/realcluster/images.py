@@ -163,12 +163,22 @@ def write_oci_archive(
         partial.rename(out)
 
 
+def _versioned(images: Path, stem: str, inputs: str) -> Path:
+    """``images/STEM-HASH.oci.tar`` for these inputs; archives of older inputs are deleted."""
+    current = images / f"{stem}-{hashlib.sha256(inputs.encode()).hexdigest()[:12]}.oci.tar"
+    for old in images.glob(f"{stem}*.oci.tar"):
+        if old != current:
+            old.unlink()
+    return current
+
+
 def ensure_images(cache: Path) -> dict[str, Path]:
     """Build the image tarballs missing from ``cache`` and return them by image name."""
     images = cache / "images"
     images.mkdir(parents=True, exist_ok=True)
-    debian = images / "debian-bookworm.oci.tar"
-    pause = images / "pause.oci.tar"
+    # Named after what went into them, so changing the package list or pause.c rebuilds.
+    debian = _versioned(images, "debian-bookworm", ",".join(DEBIAN_PACKAGES))
+    pause = _versioned(images, "pause", (HERE / "pause.c").read_text())
     if not debian.exists():
         log(f"building {DEBIAN_IMAGE} with debootstrap (a few minutes)")
         rootfs = images / "debian-rootfs"
