@@ -39,6 +39,7 @@ from kuberun._relay_common import (
     close_payload,
     control_payload,
     decode_status,
+    discard,
     port_header_error,
     resize_payload,
 )
@@ -292,6 +293,12 @@ cdef class ExecDecoder:
             raise ValueError(f"buffer_updated({nbytes}) outside the receive buffer")
         self._enter()
         self._parse_recv(start, held + nbytes, True)
+
+    def drop_stdout(self):
+        """Discard stdout from now on instead of passing it to the sink (it is still
+        counted in ``stdout_bytes``); stderr, the status and control frames go on as
+        before. For a reader that has gone away (SSH ``eow@openssh.com``)."""
+        self._on_stdout = discard
 
     def flush(self):
         """Deliver stdout/stderr bytes held back for a frame's end (see the class

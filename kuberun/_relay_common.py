@@ -33,6 +33,7 @@ __all__ = [
     "close_payload",
     "control_payload",
     "decode_status",
+    "discard",
     "port_header_error",
     "resize_payload",
 ]
@@ -50,6 +51,10 @@ DEFAULT_MAX_STATUS = 64 * 1024
 # Close codes an endpoint must never put on the wire (RFC 6455 section 7.4.1).
 _RESERVED_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
 _MALFORMED = "MalformedStatus"
+
+
+def discard(data: memoryview) -> None:
+    """Stands in for ``on_stdout`` once the decoder drops stdout (``drop_stdout``)."""
 
 
 class ExecSink(Protocol):

@@ -55,6 +55,13 @@ __all__ = [
     "parse_listen",
 ]
 
+#: The version the SSH server announces (``ssh.server_version``). OpenSSH clients send
+#: ``eow@openssh.com`` (their reader went away) only to a server whose version starts
+#: with ``OpenSSH``; versions before 8.0 get bug workarounds, so this claims a current one.
+DEFAULT_SERVER_VERSION = "OpenSSH_9.9 kuberun"
+_MAX_SERVER_VERSION = 255 - len("SSH-2.0-\r\n")
+_BUGGY_OPENSSH = re.compile(r"OpenSSH_[0-7](\D|$)")
+
 #: Ciphers offered when ``ssh.ciphers`` is null.  AES-GCM comes first: with
 #: AES-NI it moves about twice the bytes per CPU second of chacha20 in asyncssh.
 DEFAULT_CIPHERS: tuple[str, ...] = (
@@ -178,6 +185,7 @@ class SSHConfig:
     login_grace_time: float = 120
     ciphers: tuple[str, ...] | None = None
     banner: str | None = None
+    server_version: str | None = DEFAULT_SERVER_VERSION
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "ssh.listen")
@@ -200,6 +208,8 @@ class SSHConfig:
         _check_seconds("ssh.login_grace_time", self.login_grace_time)
         if self.ciphers is not None:
             _check_ciphers(self.ciphers)
+        if self.server_version is not None:
+            _check_server_version(self.server_version)
 
     @property
     def effective_ciphers(self) -> tuple[str, ...]:
@@ -228,6 +238,34 @@ def _check_key_template(template: str) -> None:
             )
     if not template:
         raise ConfigError("ssh.authorized_keys", "expected a path, got an empty string")
+
+
+def _check_server_version(version: str) -> None:
+    # RFC 4253 section 4.2: SSH-2.0-softwareversion SP comments CR LF, at most 255
+    # characters in all; the software version has no spaces and no minus sign.
+    key = "ssh.server_version"
+    if not isinstance(version, str):
+        raise ConfigError(key, f"expected a string or null, got {describe(version)}")
+    if len(version) > _MAX_SERVER_VERSION:
+        raise ConfigError(
+            key, f"longer than {_MAX_SERVER_VERSION} characters (RFC 4253 allows 255 in all)"
+        )
+    if any(not " " <= c <= "~" for c in version):
+        raise ConfigError(key, f"{version!r}: only printable ASCII is allowed (RFC 4253)")
+    software, _, _ = version.partition(" ")
+    if not software or "-" in software:
+        raise ConfigError(
+            key,
+            f"{version!r}: the software version (before the first space) must be non-empty "
+            "and without '-' (RFC 4253); put other words after a space",
+        )
+    old = _BUGGY_OPENSSH.match(software)
+    if old:
+        raise ConfigError(
+            key,
+            f"{software!r}: OpenSSH clients work around bugs of OpenSSH before 8.0 "
+            "(compat.c); claim a later version",
+        )
 
 
 def _check_ciphers(ciphers: tuple[str, ...]) -> None:
@@ -524,6 +562,7 @@ def _read_ssh(sec: Section) -> SSHConfig:
         login_grace_time=sec.number("login_grace_time", SSHConfig.login_grace_time),
         ciphers=sec.optional_strings("ciphers", None),
         banner=sec.optional_string("banner", None),
+        server_version=sec.optional_string("server_version", DEFAULT_SERVER_VERSION),
     )
 
 

@@ -466,6 +466,12 @@ class ExecStream(asyncio.BufferedProtocol):
         if not self._finished:
             self._send(self._encoder.resize(width, height))
 
+    def drop_stdout(self) -> None:
+        """Discard the program's stdout from now on: its reader has gone away. stderr
+        and the exit status still arrive; the output is read and dropped, never held."""
+        if self._decoder is not None:
+            self._decoder.drop_stdout()
+
     def pause_output(self) -> None:
         """Stop reading from the API server (the SSH side is full)."""
         self._output_paused = True

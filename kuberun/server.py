@@ -34,6 +34,12 @@ import asyncssh
 from kubernetes_asyncio import client as k8s
 
 from .audit import Audit, AuditSink, ConnectionAudit, watch_auth
+from .channelhooks import (
+    EOW_REQUEST,
+    NO_MORE_SESSIONS_REQUEST,
+    on_channel_request,
+    on_global_request,
+)
 from .config import Config
 from .handler import NetworkHandler, SSHConnectionHandler, new
 from .session import KuberunSession
@@ -97,6 +103,8 @@ def server_options(config: Config) -> dict[str, Any]:
         "login_timeout": config.ssh.login_grace_time,
     }
     options["encryption_algs"] = list(config.ssh.effective_ciphers)
+    if config.ssh.server_version is not None:
+        options["server_version"] = config.ssh.server_version
     return options
 
 
@@ -286,6 +294,7 @@ class SSHServer(asyncssh.SSHServer):
         self._start: asyncio.Task[Any] | None = None
         self._unauthenticated = False
         self.audit = gateway.audit.connection(self.connection_id)
+        self._no_more_sessions = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -298,6 +307,7 @@ class SSHServer(asyncssh.SSHServer):
             return
         self._unauthenticated = True
         watch_auth(conn, self.audit)
+        on_global_request(conn, NO_MORE_SESSIONS_REQUEST, self._refuse_more_sessions)
         address = f"{peer[0]}:{peer[1]}" if peer else None
         self.handler = self.gateway.handler_for(self.connection_id, address, self.audit)
         self.gateway._register(self)
@@ -321,11 +331,24 @@ class SSHServer(asyncssh.SSHServer):
         # so they can show its progress on their stderr.
         self._conn_handler = self.handler.connection_handler(username)
 
+    def _refuse_more_sessions(self) -> bool:
+        # The client will open no more sessions; one that tries is not who it
+        # claims to be (sshd disconnects it, calling it a possible attack).
+        self._no_more_sessions = True
+        return True
+
     def session_requested(self) -> Any:
         handler = self._conn_handler
         if handler is None or self.gateway.closing:
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "the gateway is not accepting sessions"
+            )
+        if self._no_more_sessions:
+            handler.logger.warning(
+                "session refused: the client had sent %s", NO_MORE_SESSIONS_REQUEST
+            )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no more sessions on this connection"
             )
         limit = self.gateway.config.ssh.max_sessions
         if handler.session_count >= limit:
@@ -337,6 +360,7 @@ class SSHServer(asyncssh.SSHServer):
         session: KuberunSession = handler.new_session()
         chan = self.conn.create_server_channel(encoding=None)
         _limit_env_requests(chan)
+        on_channel_request(chan, EOW_REQUEST, session.eow_received)
         return chan, session
 
     def connection_lost(self, exc: Exception | None) -> None:

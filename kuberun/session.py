@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
 
+from .channelhooks import drop_queued_stdout
 from .errors import (
     EXIT_SHUTDOWN,
     CommandStartError,
@@ -109,6 +110,10 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._audit = conn.audit.session(session_id)
         self._recording: Recording | None = None
         self._record_input = False
+        # The client can no longer write this session's output (eow@openssh.com); the
+        # stdout bytes that had reached the channel by then.
+        self._eow = False
+        self._stdout_relayed: int | None = None
         # Replaced by the channel's own bound methods in connection_made.
         self.exec_stdout: Callable[[memoryview], object] = _drop
         self.exec_stderr: Callable[[memoryview], object] = _drop
@@ -229,6 +234,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
                 self._recording.stdin(held)  # type: ignore[union-attr]
         if self._eof:
             self._deliver_eof(stream)
+        if self._eow:
+            self._stop_output(stream)
         if not stream.finished and not self._input_paused:
             # (Unless writing the held input already filled the exec's buffer.)
             chan.resume_reading()
@@ -389,6 +396,28 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._send_signal("INT", SIGNALS["INT"])
         return True
 
+    def eow_received(self) -> bool:
+        """The client can no longer write this session's output (``eow@openssh.com``:
+        the OpenSSH client's stdout broke, e.g. ``| head -1`` ended). As sshd closes the
+        program's output pipe: stdout is dropped from now on, what is queued for the
+        client included, and the program's group gets SIGPIPE (the exec protocol cannot
+        close stdout alone). stderr goes on. Returns the request's reply."""
+        if self._eow or self._closed:
+            return True
+        self._eow = True
+        self._log.info("session %s: the client stopped reading output (eow)", self._id)
+        if self._chan is not None:
+            drop_queued_stdout(self._chan)
+        if self._stream is not None:
+            self._stop_output(self._stream)
+        return True
+
+    def _stop_output(self, stream: ExecStream) -> None:
+        self._stdout_relayed = stream.stdout_bytes
+        stream.drop_stdout()
+        if self._pid_file is not None and not stream.finished:
+            self._send_signal("PIPE", SIGNALS["PIPE"])
+
     def pause_writing(self) -> None:
         self._ssh_full = True
         if self._stream is not None:
@@ -510,7 +539,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         if stream is None or metrics is None or self._published:
             return
         self._published = True
-        metrics.relayed_bytes.labels(direction="stdout").inc(stream.stdout_bytes)
+        stdout = stream.stdout_bytes if self._stdout_relayed is None else self._stdout_relayed
+        metrics.relayed_bytes.labels(direction="stdout").inc(stdout)
         metrics.relayed_bytes.labels(direction="stderr").inc(stream.stderr_bytes)
         metrics.relayed_bytes.labels(direction="stdin").inc(stream.stdin_bytes)
 

@@ -2,7 +2,9 @@
 # Install the Debian packages kuberun's tests and demo use, if any is missing:
 # OpenSSH clients and rsync judge the gateway; sftp-server runs inside devcluster Pods;
 # gcc builds the Cython relay; BusyBox sh is one of the shells the sh wrappers are tested with;
-# asciinema judges session recordings.
+# asciinema judges session recordings; sshd (openssh-server) is what
+# tests/integration/test_eow.py compares exit statuses with, on a port of its own (on a host
+# run by systemd, the package also enables its ssh service).
 set -euo pipefail
 
 missing=()
@@ -16,6 +18,7 @@ command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v busybox >/dev/null 2>&1 || missing+=(busybox)
 command -v asciinema >/dev/null 2>&1 || missing+=(asciinema)
 command -v script >/dev/null 2>&1 || missing+=(bsdutils)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

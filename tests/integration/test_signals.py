@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import asyncssh
 import pytest
 
 from .conftest import Gateway, wait_for
+from .podprocs import group_gone, group_members, recorded_group
 
 # Reads the Pod's processes from this machine's /proc, where only devcluster's Pods are.
 pytestmark = pytest.mark.devcluster_only
@@ -30,34 +30,6 @@ PROGRAMS = {
 SIGNALS = {"TERM": 15, "INT": 2, "HUP": 1, "KILL": 9}
 
 
-def _stat(pid: int) -> tuple[str, int, str] | None:
-    """(state, process group, command name) of ``pid``, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    comm = text[text.index("(") + 1 : text.rindex(")")]
-    fields = text[text.rindex(")") + 2 :].split()
-    return fields[0], int(fields[2]), comm
-
-
-def group_gone(pgid: int) -> Callable[[], bool]:
-    """A condition for :func:`wait_for`: process group ``pgid`` has no live process left."""
-    return lambda: not group_members(pgid)
-
-
-def group_members(pgid: int) -> dict[int, str]:
-    """Live (non-zombie) processes of process group ``pgid``: PID -> command name."""
-    members = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _stat(int(entry))
-            if stat is not None and stat[1] == pgid and stat[0] != "Z":
-                members[int(entry)] = stat[2]
-    return members
-
-
 @dataclass
 class Started:
     name: str
@@ -67,16 +39,11 @@ class Started:
 
 async def start(conn: asyncssh.SSHClientConnection, pid_dir: Path, name: str, pty: bool) -> Started:
     """Start ``PROGRAMS[name]`` and wait until its ``sleep`` runs in its own group."""
-    before = set(os.listdir(pid_dir))
+    before = os.listdir(pid_dir)
     proc = await conn.create_process(
         PROGRAMS[name], term_type="xterm" if pty else None, encoding=None
     )
-    new = await wait_for(lambda: set(os.listdir(pid_dir)) - before, 20, "no PID file")
-    path = pid_dir / new.pop()
-    text = await wait_for(lambda: path.read_text().strip(), 20, "empty PID file")
-    # devcluster starts every exec in a session of its own, as runc does.
-    assert text.startswith("-"), text
-    pgid = int(text[1:])
+    pgid = await recorded_group(pid_dir, before)
     await wait_for(lambda: "sleep" in group_members(pgid).values(), 20, f"{name}: no sleep")
     return Started(name, proc, pgid)
 

@@ -55,6 +55,7 @@ def test_defaults_match_the_documented_schema() -> None:
     assert cfg.ssh.effective_ciphers == DEFAULT_CIPHERS
     assert cfg.ssh.effective_ciphers[0] == "aes128-gcm@openssh.com"
     assert cfg.ssh.banner is None
+    assert cfg.ssh.server_version == "OpenSSH_9.9 kuberun"
     assert cfg.kubernetes == KubernetesConfig(None, None, "default", True, 30.0)
     assert cfg.pod.mode == "connection"
     assert cfg.pod.metadata == {"generateName": "kuberun-", "labels": {}, "annotations": {}}
@@ -299,6 +300,15 @@ def test_integer_seconds_become_floats() -> None:
         ({"ssh": {"ciphers": []}}, "ssh.ciphers", "at least one"),
         ({"ssh": {"ciphers": ["aes128-gsm@openssh.com"]}}, "ssh.ciphers[0]", "aes128-gcm"),
         ({"ssh": {"ciphers": ["aes256-ctr", "aes256-ctr"]}}, "ssh.ciphers", "twice"),
+        ({"ssh": {"server_version": ""}}, "ssh.server_version", "non-empty"),
+        ({"ssh": {"server_version": " kuberun"}}, "ssh.server_version", "non-empty"),
+        ({"ssh": {"server_version": "Open-SSH_9"}}, "ssh.server_version", "without '-'"),
+        ({"ssh": {"server_version": "x\r\nSSH-2.0-y"}}, "ssh.server_version", "printable ASCII"),
+        ({"ssh": {"server_version": "OpenSSH_9.9 ü"}}, "ssh.server_version", "printable ASCII"),
+        ({"ssh": {"server_version": "x" * 246}}, "ssh.server_version", "longer than 245"),
+        ({"ssh": {"server_version": "OpenSSH_7.4 kuberun"}}, "ssh.server_version", "before 8.0"),
+        ({"ssh": {"server_version": "OpenSSH_5"}}, "ssh.server_version", "before 8.0"),
+        ({"ssh": {"server_version": 9}}, "ssh.server_version", "expected a string"),
         ({"ssh": {"authorized_keys": "/k/{user}"}}, "ssh.authorized_keys", "'{username}'"),
         ({"ssh": {"authorized_keys": "/k/{username!r}"}}, "ssh.authorized_keys", "{username}"),
         ({"ssh": {"authorized_keys": "/k/{"}}, "ssh.authorized_keys", "literal braces"),
@@ -348,6 +358,13 @@ def test_user_mode_keys() -> None:
     assert (cfg.pod.mode, cfg.pod.idle_timeout, cfg.pod.lease_duration) == ("user", 0, 2.5)
     defaults = config_from_dict({"pod": {"mode": "user"}}).pod
     assert (defaults.idle_timeout, defaults.lease_duration) == (1800, 15)
+
+
+@pytest.mark.parametrize(
+    "version", [None, "OpenSSH_8.0", "OpenSSH_10.0 kuberun", "OpenSSH_9.9 a b-c", "x" * 245]
+)
+def test_valid_server_versions(version: str | None) -> None:
+    assert config_from_dict({"ssh": {"server_version": version}}).ssh.server_version == version
 
 
 def test_authorized_keys_template_may_escape_braces() -> None:

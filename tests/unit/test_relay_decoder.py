@@ -183,6 +183,40 @@ def test_buffer_path_with_small_buffer(relay_impl: ModuleType) -> None:
     assert out.events == [("stdout", bytes(5000)), ("stderr", b"x" * 300)]
 
 
+@pytest.mark.parametrize("via", ["feed", "buffer"])
+def test_drop_stdout(relay_impl: ModuleType, via: str) -> None:
+    # A reader that went away: stdout from then on is discarded (still counted), a
+    # frame cut in the middle included; stderr and the status go on.
+    sink = RecordingSink()
+    dec = relay_impl.ExecDecoder(sink, "v5.channel.k8s.io", buffer_size=4096)
+
+    def push(chunk: bytes) -> None:
+        if via == "feed":
+            dec.feed(chunk)
+            return
+        while chunk:
+            buf = dec.get_buffer(len(chunk))
+            n = min(len(buf), len(chunk))
+            buf[:n] = chunk[:n]
+            dec.buffer_updated(n)
+            chunk = chunk[n:]
+
+    cut = data(1, b"b" * 3000)
+    push(data(1, b"before") + cut[:1000])
+    dec.drop_stdout()
+    dec.drop_stdout()  # twice is harmless
+    push(cut[1000:] + data(2, b"err") + data(1, b"after") + data(3, SUCCESS_JSON))
+    dec.flush()
+    stdout = b"".join(ev[1] for ev in sink.events if ev[0] == "stdout")
+    assert stdout.startswith(b"before") and b"after" not in stdout
+    assert len(stdout) <= len(b"before") + 1000
+    assert [ev for ev in sink.events if ev[0] != "stdout"] == [
+        ("stderr", b"err"),
+        ("status", SUCCESS_JSON),
+    ]
+    assert dec.stdout_bytes == len(b"before") + 3000 + len(b"after")
+
+
 # -- demultiplexing ----------------------------------------------------------------
 
 
