@@ -67,9 +67,10 @@ def select_relay(name: str) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    config = config_from_dict(
-        gateway_config_dict(args.kubeconfig, args.workdir, args.ping_interval)
-    )
+    data = gateway_config_dict(args.kubeconfig, args.workdir, args.ping_interval)
+    if args.audit_dir:
+        data["audit"] = {"directory": args.audit_dir, "recordings": args.recordings}
+    config = config_from_dict(data)
     api_client = await make_api_client(config.kubernetes)
     runner = GatewayRunner(config, api_client, name=f"bench-{args.relay}")
     await runner.start()
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relay", choices=("cython", "python", "aiohttp"), default="cython")
     parser.add_argument("--ping-interval", type=float, default=30.0)
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--audit-dir", default=None, help="audit.directory (default: no audit)")
+    parser.add_argument("--recordings", default="pty", help="audit.recordings")
     args = parser.parse_args(argv)
     setup_logging("text", args.log_level)
     logging.getLogger("kuberun").setLevel(args.log_level)

@@ -415,5 +415,9 @@ def render(data: dict[str, Any]) -> str:
         lines += _latency_table(data["latency"])
     if data.get("scale"):
         lines += _scale_tables(data["scale"])
+    if data.get("audit"):
+        from .audit import render as render_audit
+
+        lines += render_audit(data["audit"])
     lines += _targets(data, summary)
     return "\n".join(lines)

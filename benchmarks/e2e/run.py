@@ -9,7 +9,9 @@ rotating order, round after round:
 2. streams: the exec stream alone, no SSH, each variant against a TLS floor
    (the same bytes over the same connection with no per-byte work in Python);
 3. keystroke round trips through a pty (asyncssh client);
-4. scale: N concurrent shell sessions on one gateway process, idle CPU, churn.
+4. scale: N concurrent shell sessions on one gateway process, idle CPU, churn;
+5. audit: the Cython gateway's download CPU without auditing and with
+   ``audit.recordings`` none, pty and all (each recording checked byte for byte).
 
 Prints the tables and the targets of issue 7, and writes every sample as JSON.
 The machine is shared: read ratios from one run, not absolute times.
@@ -38,14 +40,14 @@ import asyncssh
 
 from kuberun.gateway import load_host_keys
 
-from . import latency, report, scale, streams
+from . import audit, latency, report, scale, streams
 from .services import PY, ROOT, DevclusterProc, Service, SshMaster
 from .throughput import Target, Transfer, run_transfer, verify
 
 __all__ = ["main"]
 
 VARIANTS = ("cython", "python", "aiohttp")
-PHASES = ("throughput", "streams", "latency", "scale")
+PHASES = ("throughput", "streams", "latency", "scale", "audit")
 
 
 def parse_size(text: str) -> int:
@@ -116,10 +118,11 @@ class Bench:
         load_host_keys([str(self.workdir / "host_key")])  # one ed25519 host key for all servers
         self.cluster = DevclusterProc.start(self.workdir, self.workdir / "devcluster.log")
 
-    def gateway(self, relay: str) -> Service:
+    def gateway(self, relay: str, extra: list[str] | None = None, name: str = "") -> Service:
         assert self.cluster is not None
+        name = name or f"gateway-{relay}"
         service = Service.start(
-            f"gateway-{relay}",
+            name,
             [
                 PY,
                 "-m",
@@ -132,8 +135,9 @@ class Bench:
                 relay,
                 "--log-level",
                 self.log_level,
+                *(extra or []),
             ],
-            self.workdir / f"gateway-{relay}.log",
+            self.workdir / f"{name}.log",
         )
         self.services.append(service)
         return service
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 data["streams"] = streams.run(bench, args)
             if "latency" in phases:
                 data["latency"] = latency.run(bench, args)
+            if "audit" in phases:
+                data["audit"] = audit.run(bench, args)
             if "scale" in phases:
                 bench.stop_servers()  # scale starts its own, with no other Pods around
                 data["scale"] = scale.run(bench, args)

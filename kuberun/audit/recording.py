@@ -7,9 +7,10 @@ A recording object has two sides, kept apart:
   :meth:`Recording.stderr`, which write to the SSH channel first). Per frame it
   only copies the bytes into the chunk being collected and counts them: no
   await, no lock, no logging, no system call. A chunk goes to the writer thread
-  when it reaches :data:`~kuberun.audit.writer.CHUNK` bytes or
-  :data:`FLUSH_DELAY` seconds after its first byte;
-* the **writer-thread side** (:meth:`write_chunk`, :meth:`finish`) turns chunks
+  when it reaches :data:`~kuberun.audit.writer.CHUNK` bytes, or once its oldest
+  byte has waited :data:`FLUSH_DELAY` seconds (a stream that keeps filling its
+  chunks is never cut short, so raw files stay block-aligned);
+* the **writer-thread side** (:meth:`write_chunks`, :meth:`finish`) turns chunks
   into file contents and writes them.
 
 Memory is bounded: at most :data:`MAX_QUEUED` bytes of one recording wait for
@@ -31,7 +32,9 @@ Formats:
 * **raw** (``<connection>.<session>.stdout``, ``.stderr``, ``.stdin``): the
   bytes of each stream as they were, one file per stream that carried any:
   byte-exact for binary protocols (sftp, scp, tar), which asciicast's UTF-8
-  text cannot hold, and far cheaper to write.
+  text cannot hold, and far cheaper to write: the loop copies frames into
+  page-aligned buffers (reused) which the writer hands to the disk with
+  ``O_DIRECT`` (:mod:`kuberun.audit.directio`), past the page cache.
 """
 
 from __future__ import annotations
@@ -43,10 +46,10 @@ import os
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from .writer import CHUNK, AuditWriter, write_all, writev_all
+from .directio import AppendFile
+from .writer import CHUNK, AuditWriter, write_all
 
 __all__ = [
     "FLUSH_DELAY",
@@ -60,6 +63,9 @@ __all__ = [
 
 #: Seconds after its first byte a partial chunk goes to the writer anyway.
 FLUSH_DELAY = 0.2
+
+#: Output (or input) of a pty session this close in time (seconds) becomes one event.
+COALESCE = 0.005
 
 #: Bytes of one recording that may wait for the disk.
 MAX_QUEUED = 16 * 1024 * 1024
@@ -104,7 +110,8 @@ class Recording:
         writer.loop = self.loop
         # Loop side.
         self.queued = 0  # handed to the writer and not yet written (changed under its lock)
-        self._held = 0  # payload bytes in the chunk being collected
+        self._held = 0  # payload bytes collected and not yet handed over
+        self._started_at = 0.0  # when the oldest of them arrived (loop time)
         self._timer: asyncio.TimerHandle | None = None
         self.blocked = False
         self.closed = False
@@ -144,14 +151,16 @@ class Recording:
             if not self.blocked:
                 self._full()
         if self._held == 0:
-            self._timer = self.loop.call_later(FLUSH_DELAY, self._flush)
+            self._started_at = self.loop.time()
+            if self._timer is None:
+                self._timer = self.loop.call_later(FLUSH_DELAY, self._flush_due)
         if self._gap:
             self._note_gap()
         self._add(stream, data)
         self._held += n
         self.bytes += n
         if self._held >= CHUNK:
-            self._flush()
+            self._flush(False)
 
     def resize(self, width: int, height: int) -> None:
         """The client's terminal changed size."""
@@ -161,8 +170,9 @@ class Recording:
     def _add(self, stream: int, data: Any) -> None:
         raise NotImplementedError
 
-    def _take_chunk(self) -> Any:
-        """The chunk collected so far (and start a new one)."""
+    def _take_chunk(self, everything: bool) -> tuple[Any, int]:
+        """What to hand to the writer, and its payload bytes: the full chunks, or
+        (``everything``) all that is held. (None, 0) if there is nothing."""
         raise NotImplementedError
 
     def _note_gap(self) -> None:
@@ -172,12 +182,24 @@ class Recording:
             metrics.audit_dropped_bytes.inc(self._gap)
         self._gap = 0
 
-    def _flush(self) -> None:
-        if self._timer is not None:
+    def _flush_due(self) -> None:
+        self._timer = None
+        age = self.loop.time() - self._started_at
+        if self._held and age < FLUSH_DELAY:
+            # A busy stream fills its chunks by itself; handing over a part would cost
+            # the writer an unaligned copy. Look again when the oldest byte is due.
+            self._timer = self.loop.call_later(FLUSH_DELAY - age, self._flush_due)
+            return
+        self._flush(True)
+
+    def _flush(self, everything: bool) -> None:
+        if everything and self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        chunk = self._take_chunk()
-        nbytes, self._held = self._held, 0
+        chunk, nbytes = self._take_chunk(everything)
+        self._held -= nbytes
+        if self._held:
+            self._started_at = self.loop.time()
         if chunk is not None:
             self.writer.submit(self, chunk, nbytes)
 
@@ -186,7 +208,7 @@ class Recording:
         # completion sees ``blocked`` and wakes the session up once it has caught up.
         self.blocked = True
         self._on_full()
-        self._flush()
+        self._flush(False)
         self.writer.submit(self, self._empty_chunk(), 0)
 
     def _empty_chunk(self) -> Any:
@@ -207,7 +229,7 @@ class Recording:
         self._take = _ignore_take  # type: ignore[method-assign]
         if self._gap:
             self._note_gap()
-        self._flush()
+        self._flush(True)
         self.writer.submit(self, None, 0)
         self.blocked = False
 
@@ -295,9 +317,9 @@ class CastRecording(Recording):
             (self.loop.time() - self._start, "i" if stream == 2 else "o", bytes(data))
         )
 
-    def _take_chunk(self) -> Any:
+    def _take_chunk(self, everything: bool) -> tuple[Any, int]:
         items, self._items = self._items, []
-        return items if items else None
+        return (items, self._held) if items else (None, 0)
 
     def _empty_chunk(self) -> Any:
         return []
@@ -310,20 +332,9 @@ class CastRecording(Recording):
     def resize(self, width: int, height: int) -> None:
         if self.closed:
             return
-        if self._held == 0 and self._timer is None:
-            self._timer = self.loop.call_later(FLUSH_DELAY, self._flush)
+        if self._timer is None:
+            self._timer = self.loop.call_later(FLUSH_DELAY, self._flush_due)
         self._items.append((self.loop.time() - self._start, "r", f"{width}x{height}"))
-
-    def _flush(self) -> None:
-        if self._held == 0 and self._items:
-            # Only resizes or markers: no payload, but they must still go out.
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            items, self._items = self._items, []
-            self.writer.submit(self, items, 0)
-            return
-        super()._flush()
 
     @property
     def files(self) -> list[str]:
@@ -342,15 +353,33 @@ class CastRecording(Recording):
                 return 0
             lines.append(self._header)
         payload = 0
+        # Output that arrives within COALESCE seconds goes into one event: a terminal
+        # flooded with output would otherwise cost an event (decode, JSON) per frame.
+        run: list[bytes] = []
+        run_code, run_t = "", 0.0
+
+        def end_run() -> None:
+            if run:
+                text = self._decoders[run_code].decode(b"".join(run))
+                if text:
+                    lines.append(_event_line(run_t, run_code, text))
+                run.clear()
+
         for chunk in chunks:
             for t, code, data in chunk:
                 self._last = t
                 if code in self._decoders:
                     payload += len(data)
-                    data = self._decoders[code].decode(data)
-                    if not data:
+                    if run and code == run_code and t - run_t < COALESCE:
+                        run.append(data)
                         continue
-                lines.append(_event_line(t, code, data))
+                    end_run()
+                    run_code, run_t = code, t
+                    run.append(data)
+                else:
+                    end_run()
+                    lines.append(_event_line(t, code, data))
+        end_run()
         try:
             write_all(self._fd, b"".join(lines))
         except OSError as exc:
@@ -389,23 +418,50 @@ class RawRecording(Recording):
     format = "raw"
 
     def _prepare(self) -> None:
-        self._bufs = [bytearray(), bytearray(), bytearray()]
+        # Per stream: the page-aligned buffer being filled and how far; full buffers
+        # wait in _ready. The writer writes them with O_DIRECT and gives them back.
+        self._views: list[memoryview | None] = [None, None, None]
+        self._pos = [0, 0, 0]
+        self._ready: list[tuple[int, memoryview, int]] = []
         self._seen = [False, False, False]
         # Writer side.
-        self._fds: list[int | None] = [None, None, None]
+        self._files: list[AppendFile | None] = [None, None, None]
         self._failed = [False, False, False]
 
     def _add(self, stream: int, data: Any) -> None:
-        self._bufs[stream] += data
         self._seen[stream] = True
+        while True:
+            view = self._views[stream]
+            if view is None:
+                view = self._views[stream] = self.writer.buffer()
+            pos = self._pos[stream]
+            n = len(data)
+            end = pos + n
+            if end < CHUNK:
+                view[pos:end] = data
+                self._pos[stream] = end
+                return
+            k = CHUNK - pos
+            view[pos:] = data[:k]
+            self._ready.append((stream, view, CHUNK))
+            self._views[stream] = None
+            self._pos[stream] = 0
+            if k == n:
+                return
+            data = data[k:]
 
-    def _take_chunk(self) -> Any:
-        bufs = self._bufs
-        if not (bufs[0] or bufs[1] or bufs[2]):
-            return None
-        chunk = [(i, buf) for i, buf in enumerate(bufs) if buf]
-        self._bufs = [bytearray() if buf else buf for buf in bufs]
-        return chunk
+    def _take_chunk(self, everything: bool) -> tuple[Any, int]:
+        chunk, self._ready = self._ready, []
+        if everything:
+            for stream in range(3):
+                view, pos = self._views[stream], self._pos[stream]
+                if view is not None and pos:
+                    chunk.append((stream, view, pos))
+                    self._views[stream] = None
+                    self._pos[stream] = 0
+        if not chunk:
+            return None, 0
+        return chunk, sum(length for _, _, length in chunk)
 
     def _empty_chunk(self) -> Any:
         return []
@@ -417,36 +473,44 @@ class RawRecording(Recording):
     # -- writer thread side -----------------------------------------------
 
     def write_chunks(self, writer: AuditWriter, chunks: list[Any]) -> int:
-        streams: list[list[bytearray]] = [[], [], []]
+        streams: list[list[tuple[memoryview, int]]] = [[], [], []]
         for chunk in chunks:
-            for stream, data in chunk:
-                streams[stream].append(data)
+            for stream, view, length in chunk:
+                streams[stream].append((view, length))
         written = 0
-        for stream, buffers in enumerate(streams):
-            if not buffers or self._failed[stream]:
+        for stream, pieces in enumerate(streams):
+            if not pieces:
                 continue
-            fd = self._fds[stream]
-            if fd is None:
-                fd = self._fds[stream] = self._open(writer, "." + _STREAMS[stream])
-                if fd is None:
-                    self._failed[stream] = True
-                    continue
             try:
-                writev_all(fd, buffers)
-            except OSError as exc:
-                writer.report(str(Path(writer.directory) / f"{self.name}.{_STREAMS[stream]}"), exc)
-                continue
-            written += sum(len(b) for b in buffers)
+                written += self._write_stream(writer, stream, pieces)
+            finally:
+                for view, _ in pieces:
+                    writer.recycle(view)
         return written
 
+    def _write_stream(
+        self, writer: AuditWriter, stream: int, pieces: list[tuple[memoryview, int]]
+    ) -> int:
+        if self._failed[stream]:
+            return 0
+        path = writer.directory / f"{self.name}.{_STREAMS[stream]}"
+        try:
+            file = self._files[stream]
+            if file is None:
+                file = self._files[stream] = AppendFile(path)
+            file.write([view[:length] for view, length in pieces])
+        except OSError as exc:
+            writer.report(str(path), exc)
+            if self._files[stream] is None:
+                self._failed[stream] = True
+            return 0
+        return sum(length for _, length in pieces)
+
     def finish(self, writer: AuditWriter) -> None:
-        for i, fd in enumerate(self._fds):
-            if fd is not None:
-                self._fds[i] = None
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        for i, file in enumerate(self._files):
+            if file is not None:
+                self._files[i] = None
+                file.close()
 
 
 def _ignore(data: memoryview) -> None:

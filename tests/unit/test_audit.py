@@ -4,8 +4,10 @@ thread (rotation, errors, a stalled disk), sinks, and both recording formats."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import random
 import re
 import threading
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 
 from kuberun import cli
 from kuberun.audit import EVENT_KINDS, EVENT_SCHEMA, Audit, recording, writer
+from kuberun.audit.directio import AppendFile, aligned_buffer
 from kuberun.audit.recording import CastRecording, RawRecording
 from kuberun.audit.writer import AuditWriter, check_directory
 from kuberun.config import AuditConfig, config_from_dict
@@ -473,3 +476,83 @@ async def test_block_pauses_the_session_until_the_writer_catches_up(tmp_path: Pa
     assert rec.dropped == 0
     assert (tmp_path / "c.s.stdout").read_bytes() == bytes(sinks.out)
     assert len(sinks.out) == sent
+
+
+# -- direct writes ------------------------------------------------------------------
+
+
+def _pieces(rng: random.Random, expect: bytearray) -> list[memoryview]:
+    """Either full aligned buffers (maybe with a short last one), or one odd piece."""
+    pieces = []
+    if rng.random() < 0.5:
+        for _ in range(rng.randint(1, 4)):
+            buf = aligned_buffer(1 << 16)
+            last = rng.random() < 0.3
+            n = rng.randint(1, 1 << 16) if last else 1 << 16
+            data = rng.randbytes(n)
+            buf[:n] = data
+            pieces.append(buf[:n])
+            expect += data
+            if last:
+                break
+    else:
+        data = rng.randbytes(rng.randint(1, 9000))
+        pieces.append(memoryview(data))
+        expect += data
+    return pieces
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_append_file_holds_every_byte_after_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    if not direct:
+        monkeypatch.delattr(os, "O_DIRECT")
+    rng = random.Random(7)
+    path = tmp_path / "out.bin"
+    f = AppendFile(path)
+    assert f.direct is direct
+    expect = bytearray()
+    for _ in range(120):
+        f.write(_pieces(rng, expect))
+        assert path.read_bytes() == expect
+        assert f.size == len(expect)
+    f.close()
+    assert path.read_bytes() == expect
+
+
+def test_append_file_goes_on_without_direct_writes_when_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(8)
+    path = tmp_path / "out.bin"
+    f = AppendFile(path)
+    expect = bytearray()
+    for _ in range(10):
+        f.write(_pieces(rng, expect))
+
+    def refuse(*args: Any) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(f, "_write_direct", refuse)
+    for _ in range(10):
+        f.write(_pieces(rng, expect))
+    assert not f.direct
+    f.close()
+    assert path.read_bytes() == expect
+
+
+async def test_raw_recording_after_a_partial_chunk_stays_exact(tmp_path: Path) -> None:
+    """A partial chunk (the timer) leaves later full chunks unaligned in the file."""
+    audit = Audit(AuditConfig(str(tmp_path), recordings="all"))
+    assert audit.writer is not None
+    rec = RawRecording(audit.writer, "c.s", block=True, on_full=print, on_drained=print)
+    rec.stdout(memoryview(b"x" * 1000))
+    await asyncio.sleep(recording.FLUSH_DELAY + 0.3)  # handed over: 1000 bytes
+    data = os.urandom(3 * writer.CHUNK + 5)
+    for i in range(0, len(data), 65536):
+        rec.stdout(memoryview(data[i : i + 65536]))
+        await asyncio.sleep(0)
+    rec.close()
+    await audit.close()
+    assert (tmp_path / "c.s.stdout").read_bytes() == b"x" * 1000 + data
