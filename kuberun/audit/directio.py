@@ -1,9 +1,11 @@
 """Appending bulk bytes to a file with ``O_DIRECT``, so recording costs little CPU.
 
-Writing through the page cache makes the kernel find (and on a VM, often
-fault in) a fresh page for every 4 KiB written: measured here, 2.5 CPU
-seconds per GiB on ext4, more than the whole relay. ``O_DIRECT`` hands the
-buffers to the device as they are (0.05 s/GiB). It wants block-aligned memory,
+Writing through the page cache makes the kernel find a page for every 4 KiB
+written: 0.4 CPU seconds per GiB when freed pages are at hand, 2.7 when the
+cache grows into memory the VM has not touched yet (``dd`` on this machine; a
+recording host fills its memory with recordings that are written once and
+rarely read). ``O_DIRECT`` hands the buffers to the device as they are, at a
+steady 0.3 s/GiB, and leaves the page cache to other data. It wants block-aligned memory,
 lengths and offsets, so :class:`AppendFile` writes the aligned part of what it
 gets directly, from page-aligned buffers (:func:`aligned_buffer`), and the few
 bytes past the last block through a second, ordinary descriptor at the same

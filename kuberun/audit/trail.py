@@ -243,10 +243,14 @@ class ConnectionAudit:
         self._sessions += 1
         return SessionAudit(self, session_id)
 
-    def forward(self, host: str, port: int, originator: Any = None) -> ForwardAudit:
-        """``forward.opened`` for a forwarded channel; its :meth:`ForwardAudit.closed` ends it."""
+    def forward(
+        self, host: str, port: int, originator: Any = None, forward_id: str | None = None
+    ) -> ForwardAudit:
+        """``forward.opened`` for a forwarded channel (``originator``: the client's
+        ``(address, port)`` as the channel open names it; ``forward_id``: the caller's
+        own id, else ``f1``, ``f2``, ...); its :meth:`ForwardAudit.closed` ends it."""
         self._forwards += 1
-        forward = ForwardAudit(self, f"f{self._forwards}", host, port)
+        forward = ForwardAudit(self, forward_id or f"f{self._forwards}", host, port)
         self.emit(
             "forward.opened",
             forward=forward.forward_id,
