@@ -160,6 +160,31 @@ async def test_large_download_recorded_byte_exact(gateway: Gateway, tmp_path: Pa
     assert ended["bytes"]["stdout"] == size == recording["bytes"]
 
 
+@pytest.mark.parametrize("gateway_overrides", [{"audit__record_input": True}], indirect=True)
+async def test_input_is_recorded_only_when_asked(gateway: Gateway) -> None:
+    async with gateway.asyncssh_connect() as conn:
+        proc = await conn.create_process(
+            "stty -echo; read line; echo got", term_type="xterm", encoding=None
+        )
+        await asyncio.sleep(0.5)
+        proc.stdin.write(b"secret typed\n")
+        assert b"got" in await proc.stdout.readuntil(b"got")
+        assert (await proc.wait()).exit_status == 0
+        result = await conn.run("wc -c", input=b"uploaded bytes\n", encoding=None)
+        assert result.stdout.strip() == b"15"
+    pty_end = await session_end(audit_dir(gateway), session="s1")
+    lines = (audit_dir(gateway) / pty_end["recording"]["files"][0]).read_text().splitlines()
+    typed = "".join(e[2] for e in map(json.loads, lines[1:]) if e[1] == "i")
+    assert typed == "secret typed\n"
+    raw_end = await session_end(audit_dir(gateway), session="s2")
+    assert raw_end["recording"]["files"] == [
+        f"{raw_end['connection']}.s2.stdout",
+        f"{raw_end['connection']}.s2.stdin",
+    ]
+    stdin_file = audit_dir(gateway) / raw_end["recording"]["files"][1]
+    await wait_for(lambda: stdin_file.read_bytes() == b"uploaded bytes\n", 10, "stdin file")
+
+
 # -- slow and full disks (a gateway process, so its memory can be measured) --------------
 
 
