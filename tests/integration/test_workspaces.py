@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from kuberun.manifests import dns_safe_username
 
 from .conftest import Gateway, wait_for
+from .test_audit_trail import read_events
 
 pytestmark = pytest.mark.openssh
 
@@ -198,3 +200,30 @@ async def test_a_pod_that_ended_is_replaced_not_reused(gateway: Gateway) -> None
             assert result.stdout == "ok\n"
             pods = await _user_pods(gateway)
             assert len(pods) == 1 and pods[0]["metadata"]["uid"] != uid
+
+
+@pytest.fixture
+def gateway_overrides(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Indirect parameters: ``"AUDIT"`` becomes a directory of this test's own."""
+    raw: dict[str, Any] = getattr(request, "param", {})
+    return {k: str(tmp_path / "audit") if v == "AUDIT" else v for k, v in raw.items()}
+
+
+@pytest.mark.parametrize(
+    "gateway_overrides", [{**USER_MODE, "audit__directory": "AUDIT"}], indirect=True
+)
+async def test_audit_trail_says_created_then_reused_and_never_deleted(gateway: Gateway) -> None:
+    async with gateway.asyncssh_connect() as first:
+        await first.run("true", input="", check=True)
+        async with gateway.asyncssh_connect() as second:
+            await second.run("true", input="", check=True)
+    uid = (await _user_pods(gateway))[0]["metadata"]["uid"]
+    events = read_events(Path(gateway.runner.config.audit.directory or ""))
+    pods = [(e["event"], e["connection"]) for e in events if e["event"].startswith("pod.")]
+    created = [c for kind, c in pods if kind == "pod.created"]
+    assert len(created) == 1
+    # The second connection joined the Pod the first created; closing either deletes nothing.
+    joined = [c for kind, c in pods if kind == "pod.reused" and c != created[0]]
+    assert joined
+    assert not [kind for kind, _ in pods if kind in ("pod.deleted", "pod.failed")]
+    assert all(e["pod"]["uid"] == uid for e in events if e["event"] in ("pod.created",))
