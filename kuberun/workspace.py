@@ -699,7 +699,10 @@ class WorkspaceClaim:
             self._audit.reused(ref, None, seconds)
 
     async def _wait(self) -> PodRef:
-        ws = await asyncio.shield(self.start())
+        try:
+            ws = await asyncio.shield(self.start())
+        except KubernetesAPIError as exc:  # a refusal no retry helps with (403, 422, ...)
+            raise PodStartError(f"cannot claim the Pod: {exc}", exc.reason) from exc
         if self._ws is not ws:
             self._ws = ws
             for listener in self._listeners:

@@ -227,3 +227,17 @@ async def test_audit_trail_says_created_then_reused_and_never_deleted(gateway: G
     assert joined
     assert not [kind for kind, _ in pods if kind in ("pod.deleted", "pod.failed")]
     assert all(e["pod"]["uid"] == uid for e in events if e["event"] in ("pod.created",))
+
+
+@pytest.mark.devcluster_only  # injected faults
+@pytest.mark.parametrize("gateway_overrides", [USER_MODE])
+async def test_a_refused_read_while_joining_is_a_clear_pod_start_error(gateway: Gateway) -> None:
+    async with gateway.asyncssh_connect() as first:
+        await first.run("true", input="", check=True)
+        gateway.cluster.dev.faults.fail(403, verb="get", count=1)
+        async with gateway.asyncssh_connect() as second:
+            result = await second.run("echo never", input="")
+            assert result.exit_status == 250
+            assert "kuberun: " in str(result.stderr) and "403" in str(result.stderr)
+        # The first connection is untouched.
+        assert (await first.run("echo still", input="")).stdout == "still\n"
