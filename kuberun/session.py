@@ -109,7 +109,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         self._ssh_full = False  # the channel's send buffer is full (pause_writing)
         self._audit = conn.audit.session(session_id)
         self._recording: Recording | None = None
-        self._record_input = False
+        # The recording's input side, with audit.record_input only.
+        self._record_input: Callable[[bytes], None] | None = None
         # The client can no longer write this session's output (eow@openssh.com); the
         # stdout bytes that had reached the channel by then.
         self._eow = False
@@ -230,8 +231,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             held = b"".join(self._pending)
             stream.write_stdin(held)
             self._pending.clear()
-            if self._record_input:
-                self._recording.stdin(held)  # type: ignore[union-attr]
+            if self._record_input is not None:
+                self._record_input(held)
         if self._eof:
             self._deliver_eof(stream)
         if self._eow:
@@ -254,7 +255,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             recording.write_stdout, recording.write_stderr = self.exec_stdout, self.exec_stderr
             self.exec_stdout, self.exec_stderr = recording.stdout, recording.stderr
             self._recording = recording
-            self._record_input = self._audit.record_input
+            if self._audit.record_input:
+                self._record_input = recording.stdin
 
     def _recording_full(self) -> None:
         # audit.on_overflow: block. Hold both directions until the writer catches up.
@@ -347,8 +349,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         stream = self._stream
         if stream is not None:
             stream.write_stdin(data)
-            if self._record_input:
-                self._recording.stdin(data)  # type: ignore[union-attr]
+            if self._record_input is not None:
+                self._record_input(data)
         elif not self._closed:
             # Input before the exec is open: keep it and stop reading, so the
             # SSH window bounds what is held here.

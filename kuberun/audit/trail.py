@@ -13,6 +13,7 @@ With auditing off (no directory, no sink) every method returns at once.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import inspect
 import json
@@ -163,8 +164,6 @@ class Audit:
 
     async def close(self) -> None:
         """Write what is queued and stop (the gateway calls it once it has stopped)."""
-        import asyncio
-
         if self.writer is not None:
             writer, self.writer = self.writer, None
             if not await asyncio.to_thread(writer.close):
