@@ -67,6 +67,8 @@ _STDIN_IMMEDIATE = 4096
 # First size of the response head buffer: with a thousand sessions, a MAX_HEAD
 # buffer per exec open is tens of KiB of resident memory per session.
 _HEAD_START = 4096
+#: How much of what the TLS layer still holds is read at a time when a stream ends.
+_DRAIN_READ = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class ExecStream(asyncio.BufferedProtocol):
         # send() instead of one per SSH packet.
         self._stdin_pending: list[bytes] | None = None
         self._output_paused = False
+        self._ssl_object: Any = None
         self.protocol = ""
 
     # -- asyncio protocol -------------------------------------------------
@@ -152,6 +155,7 @@ class ExecStream(asyncio.BufferedProtocol):
         # the same methods.
         self._transport = cast(asyncio.Transport, transport)
         self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._ssl_object = transport.get_extra_info("ssl_object")
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._decoder is not None:
@@ -210,12 +214,41 @@ class ExecStream(asyncio.BufferedProtocol):
             return
         if self._decoder is None:
             return  # the upgrade failed: the opener has its error, the listener hears nothing
+        if self._status is None and exc is None and not self._finished:
+            self._drain_tls()
         if self._status is not None:
             self._finish(self._result_from_status())
         else:
             self._release_held()
             detail = f": {exc}" if exc else ""
             self._finish(ExecResult(None, ExecStreamLost(f"exec stream lost{detail}")))
+
+    def _drain_tls(self) -> None:
+        """Parse what the TLS layer decrypted, or still holds, but never handed over.
+
+        An API server ends an exec by closing the connection right after the status,
+        without a Close handshake. When its EOF reaches a TLS transport whose reading
+        we paused (the SSH client is slow), uvloop shuts the transport down at once
+        and asyncio after one more read: the last output and the status stay in the
+        TLS object. They are read from it here, at the end (documented
+        ``get_extra_info("ssl_object")``), so a clean close loses nothing.
+        """
+        tls = self._ssl_object
+        decoder = self._decoder
+        if tls is None or decoder is None:
+            return
+        try:
+            while not self._finished:
+                data = tls.read(_DRAIN_READ)
+                if not data:
+                    break
+                decoder.feed(data)
+        except (ssl.SSLError, ValueError):
+            pass  # nothing more (SSLWantReadError), a close_notify, or a closed object
+        except ExecProtocolError as exc:
+            self._fail(exc)
+        except Exception as exc:  # the SSH side went away mid-write, or a bug
+            self._fail(ExecStreamLost(f"relay stopped: {exc!r}"))
 
     def pause_writing(self) -> None:
         self._listener.exec_pause_input()

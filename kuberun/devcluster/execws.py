@@ -6,7 +6,8 @@ relay codec, so a framing bug on one side cannot hide the same bug on the
 other. Behaviour follows the exec protocol spec: negotiation (§0, §1.5), errors
 before the upgrade (§1.7), the initial empty message (§2.5), channel-3 statuses
 byte for byte (§2.6.2), resize (§2.7), the v5 CLOSE signal (§2.8) and the end
-of a session (§2.10): outputs, status, Close 1000, TCP close.
+of a session (§2.10): outputs, status, TCP close (no Close frame, as the kubelet and
+the API server's translator of Kubernetes v1.37 end it).
 """
 
 from __future__ import annotations
@@ -112,28 +113,42 @@ def status_json(status: dict[str, Any]) -> bytes:
     return go_json(status)
 
 
-def success_status() -> dict[str, Any]:
-    return {"metadata": {}, "status": "Success"}
+# The API server's translator (v5) encodes Statuses with ``"metadata":{}``; the kubelet's
+# own WebSocket server (v1-v4, proxied as they are) without it, and its InternalError
+# without details. Observed on Kubernetes v1.37 (tests/integration/test_fidelity.py).
+
+
+def success_status(v5: bool = True) -> dict[str, Any]:
+    return {"metadata": {}, "status": "Success"} if v5 else {"status": "Success"}
 
 
 def exit_status(code: int, argv: list[str], v5: bool) -> dict[str, Any]:
-    """NonZeroExitCode as the translator (v5) or the CRI server (v4) words it."""
+    """NonZeroExitCode as the translator (v5) or the kubelet (v4) words it."""
     inner = (
         f"command terminated with exit code {code}"
         if v5
         else f"error executing command [{' '.join(argv)}], exit code {code}"
     )
-    return {
-        "metadata": {},
-        "status": "Failure",
-        "message": f"command terminated with non-zero exit code: {inner}",
-        "reason": "NonZeroExitCode",
-        "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]},
-    }
+    status: dict[str, Any] = {"metadata": {}} if v5 else {}
+    status.update(
+        status="Failure",
+        message=f"command terminated with non-zero exit code: {inner}",
+        reason="NonZeroExitCode",
+        details={"causes": [{"reason": "ExitCode", "message": str(code)}]},
+    )
+    return status
 
 
-def internal_status(message: str) -> dict[str, Any]:
-    """InternalError with one cause (``apierrors.NewInternalError``)."""
+def internal_status(message: str, v5: bool = True) -> dict[str, Any]:
+    """InternalError: with one cause (``apierrors.NewInternalError``) from the
+    translator (v5), without details from the kubelet (v4)."""
+    if not v5:
+        return {
+            "status": "Failure",
+            "message": f"Internal error occurred: {message}",
+            "reason": "InternalError",
+            "code": 500,
+        }
     return {
         "metadata": {},
         "status": "Failure",
@@ -373,8 +388,11 @@ class ExecSession:
             await self._send_frame(ERROR, text.encode())
 
     async def finish(self) -> None:
-        """Close 1000, then TCP close without waiting for the client's Close."""
-        await close_websocket(self.request, self.ws)
+        """End as the kubelet and the translator do: the TCP connection closes after
+        the status, with no Close frame (a client sees 1006)."""
+        transport = self.request.transport
+        if transport is not None:
+            transport.close()
 
     def abort(self) -> None:
         """Drop the connection without a Close frame (a lost stream)."""
@@ -391,7 +409,7 @@ class ExecSession:
                 # The translator re-wraps the runtime's InternalError (doubled prefix).
                 status = internal_status(f"Internal error occurred: {message}")
             else:
-                status = internal_status(message)
+                status = internal_status(message, self.v5)
             await self.send_status(status, status["message"])
         await self.finish()
 
@@ -538,7 +556,7 @@ class ExecSession:
                     await reader
                 code = proc.exited.result()
                 if code == 0:
-                    await self.send_status(success_status(), None)
+                    await self.send_status(success_status(self.v5), None)
                 else:
                     status = exit_status(code, self.opts.command, self.v5)
                     await self.send_status(
@@ -564,10 +582,10 @@ class ExecSession:
         inner = (
             "error executing command in container: failed to exec in container: failed to start "
             f'exec "{self.exec_id}": OCI runtime exec failed: exec failed: unable to start '
-            f"container process: {cause}: unknown"
+            f"container process: {cause}"
         )
         with contextlib.suppress(ConnectionError, RuntimeError):
-            v4_status = internal_status(inner)
+            v4_status = internal_status(inner, v5=False)
             status = internal_status(v4_status["message"]) if self.v5 else v4_status
             await self.send_status(status, v4_status["message"])
         await self.finish()

@@ -219,11 +219,17 @@ class RawWebSocket:
 
     async def messages_until_close(
         self, timeout: float = 20
-    ) -> tuple[list[tuple[int, bytes]], bytes]:
-        """All data messages, then the Close payload; asserts the TCP close follows."""
+    ) -> tuple[list[tuple[int, bytes]], bytes | None]:
+        """All data messages, then the Close payload; asserts the TCP close follows.
+        The payload is None when the TCP connection closed without a Close frame
+        (as exec streams end, like the kubelet's)."""
         out: list[tuple[int, bytes]] = []
         while True:
-            opcode, payload, _ = await self.frame(timeout)
+            try:
+                opcode, payload, _ = await self.frame(timeout)
+            except asyncio.IncompleteReadError as exc:
+                assert exc.partial == b"", "the connection closed mid-frame"
+                return out, None
             if opcode == 0x8:
                 rest = await asyncio.wait_for(self.reader.read(), timeout)
                 assert rest == b"", "nothing may follow the Close frame"

@@ -174,7 +174,7 @@ async def test_pod_closing_first_ends_the_stream(web: Api, cluster: DevCluster) 
         messages, close = await ws.messages_until_close()
         # Within the second the other direction is given, then Close 1000.
         assert loop.time() - started < 5
-        assert close[:2] == b"\x03\xe8"
+        assert close is not None and close[:2] == b"\x03\xe8"
         assert messages[:2] == [header(0, port), header(1, port)]
         assert b"".join(p[1:] for _, p in messages[2:]) == blob
         await ws.close()

@@ -85,7 +85,8 @@ def _off_corner(item: pytest.Item, ids: set[str]) -> bool:
     if params.get("_asyncio_loop_factory") is not asyncio.new_event_loop:
         return False
     name, _, variant = item.nodeid.partition("[")
-    return f"{name}[{variant.replace('asyncio', 'uvloop', 1)}" in ids
+    twin = variant.replace("asyncio", "uvloop", 1)
+    return twin != variant and f"{name}[{twin}" in ids
 
 
 @pytest.fixture

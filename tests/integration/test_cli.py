@@ -211,6 +211,7 @@ async def test_serve_metrics_and_sigterm_with_open_session(
             await asyncio.sleep(0.05)
 
         # An open session when SIGTERM arrives: told on stderr, Pod deleted, exit 0.
+        await wait_no_pods(cluster)  # the first Pod may still be terminating
         client = await asyncio.create_subprocess_exec(
             *ssh_cmd(key, port, "echo started; sleep 60"),
             stdin=asyncio.subprocess.DEVNULL,
