@@ -365,6 +365,12 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         return True  # keep the channel half-open: output still flows
 
     def _deliver_eof(self, stream: ExecStream) -> None:
+        if self._term is not None:
+            # sshd does not hang up a terminal when the client sends EOF (the pty
+            # stays open; the program reads on). On a node, closing a tty exec's stdin
+            # hangs the pty up and the program's output is lost (containerd; seen with
+            # `ssh -tt host cmd </dev/null`), so the EOF stays here.
+            return
         if not stream.close_stdin() and not self._eof_warned:
             self._eof_warned = True
             self._log.warning(

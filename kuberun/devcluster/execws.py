@@ -6,8 +6,7 @@ relay codec, so a framing bug on one side cannot hide the same bug on the
 other. Behaviour follows the exec protocol spec: negotiation (§0, §1.5), errors
 before the upgrade (§1.7), the initial empty message (§2.5), channel-3 statuses
 byte for byte (§2.6.2), resize (§2.7), the v5 CLOSE signal (§2.8) and the end
-of a session (§2.10): outputs, status, TCP close (no Close frame, as the kubelet and
-the API server's translator of Kubernetes v1.37 end it).
+of a session (§2.10): outputs, status, Close 1000, TCP close.
 """
 
 from __future__ import annotations
@@ -388,11 +387,8 @@ class ExecSession:
             await self._send_frame(ERROR, text.encode())
 
     async def finish(self) -> None:
-        """End as the kubelet and the translator do: the TCP connection closes after
-        the status, with no Close frame (a client sees 1006)."""
-        transport = self.request.transport
-        if transport is not None:
-            transport.close()
+        """Close 1000, then TCP close without waiting for the client's Close."""
+        await close_websocket(self.request, self.ws)
 
     def abort(self) -> None:
         """Drop the connection without a Close frame (a lost stream)."""

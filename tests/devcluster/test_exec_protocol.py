@@ -85,7 +85,7 @@ async def test_v5_session_bytes(web: Api, cluster: DevCluster) -> None:
     _opcode, payload, header = await ws.frame()
     assert header + payload == bytes.fromhex("820101")  # the initial empty message
     messages, close = await ws.messages_until_close()
-    assert close is None  # TCP close after the status, no Close frame
+    assert close == bytes.fromhex("03e8")
     assert all(op == 0x2 for op, _ in messages)
     assert sorted(p for _, p in messages[:-1]) == [b"\x01hi\n", b"\x02err\n"]
     assert messages[-1][1] == b"\x03" + V5_EXIT3
@@ -131,7 +131,7 @@ async def test_v5_close_signal_ends_stdin(web: Api, cluster: DevCluster) -> None
     ws.send(b"\xff\x00")
     ws.send(b"\x00ignored after close")
     messages, close = await ws.messages_until_close()
-    assert close is None  # TCP close after the status, no Close frame
+    assert close == bytes.fromhex("03e8")
     out = b"".join(p[1:] for _, p in messages if p[:1] == b"\x01")
     assert out.strip() == b"7"
     assert messages[-1][1] == b'\x03{"metadata":{},"status":"Success"}'

@@ -193,6 +193,8 @@ class _TruthyStr(str):
 
 async def test_empty_and_enormous_commands(gateway: Gateway, exception_handler: list[Any]) -> None:
     async with gateway.asyncssh_connect() as conn:
+        # The Pod first: while it starts, the first session's stderr shows its progress.
+        assert (await conn.run("true")).exit_status == 0
         # asyncssh (like OpenSSH) asks for a shell when the command is empty; a
         # truthy empty string makes it send the exec request with "" instead.
         result = await asyncio.wait_for(conn.run(_TruthyStr(""), input=""), 20)
