@@ -412,6 +412,8 @@ class Chaos:
             self.real_faults = RealFaults(cluster, cluster.admin_kubeconfig.parent)
         #: Set while a SIGKILLed gateway's sessions end without a status.
         self.gateway_killed = False
+        # A real Pod start can wait out a restarting API server or kubelet.
+        self.lifecycle_timeout = LIFECYCLE_TIMEOUT * (2 if self.real_faults else 1)
 
     # -- configuration ------------------------------------------------------------
 
@@ -718,11 +720,11 @@ class Chaos:
         kind = name[3:]
         runner: Callable[[random.Random], Awaitable[Outcome]] = getattr(self, name)
         try:
-            return await asyncio.wait_for(runner(rng), LIFECYCLE_TIMEOUT)
+            return await asyncio.wait_for(runner(rng), self.lifecycle_timeout)
         except Violation as exc:
             return Outcome(kind, "violation", str(exc))
         except asyncio.TimeoutError:
-            return Outcome(kind, "violation", f"hung for {LIFECYCLE_TIMEOUT:.0f} s")
+            return Outcome(kind, "violation", f"hung for {self.lifecycle_timeout:.0f} s")
         except (OSError, asyncssh.Error) as exc:
             if self.stopping:
                 return Outcome(kind, "refused", repr(exc))

@@ -120,10 +120,11 @@ async def test_slow_readers(chaos: Chaos) -> None:
             asyncio.gather(*(slowly(p) for p in procs)), sampler.run_for(5)
         )
         print(f"slow readers: +{sampler.growth / MiB:.1f} MiB for {SESSIONS} sessions")
+        results = [await proc.wait() for proc in procs]
         assert sampler.growth <= LIMIT
-        assert counts == [size] * SESSIONS
-        for proc in procs:
-            assert (await proc.wait()).exit_status == 0
+        assert counts == [size] * SESSIONS, [(r.exit_status, r.stderr) for r in results]
+        for result in results:
+            assert result.exit_status == 0
 
 
 async def test_uploads_into_pods_that_do_not_read(chaos: Chaos) -> None:

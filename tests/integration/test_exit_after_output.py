@@ -36,7 +36,8 @@ class _Recorder(asyncssh.SSHClientSession[bytes]):
         self.chan = chan
 
     def data_received(self, data: bytes, datatype: Any) -> None:
-        self.events.append(("data", len(data)))
+        if datatype is None:  # stdout; stderr may carry the Pod's start-up progress
+            self.events.append(("data", len(data)))
 
     def exit_status_received(self, status: int) -> None:
         self.events.append(("exit", status))
