@@ -554,7 +554,11 @@ class WorkspaceManager:
             for p in pods
             if not p["metadata"].get("deletionTimestamp")
         }
-        for ws in self._workspaces.values():
+        for name, ws in list(self._workspaces.items()):
+            if not ws.uid and not ws.claims and not ws.lock.locked():
+                # Nothing held and nobody waiting: forget it (one entry per user otherwise).
+                del self._workspaces[name]
+                continue
             taken_before = ws.since < listed
             if ws.uid and taken_before and (ws.name, ws.uid) not in alive and not ws.lock.locked():
                 ws.gone = True
