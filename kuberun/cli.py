@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from . import __version__
 from .config import Config, config_from_dict, load_config, make_api_client
-from .errors import ConfigError, KubernetesAPIError, KuberunError
+from .errors import ConfigError, KubernetesAPIError
 
 __all__ = ["main"]
 
@@ -70,68 +70,26 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 async def _serve(config: Config) -> int:
     from .gateway import GatewayRunner
+    from .janitor import Janitor, gateway_pod
 
     api_client = await make_api_client(config.kubernetes)
     try:
-        owner = _downward_owner()
-        runner = GatewayRunner(config, api_client, owner=owner, name=_gateway_name())
-        if owner is not None:
-            await _janitor(runner, owner)
-        await runner.run()
+        janitor = Janitor(config, api_client, gateway_pod(), _gateway_name())
+        runner = GatewayRunner(
+            janitor.config, api_client, owner=janitor.owner, name=_gateway_name()
+        )
+        await janitor.start()
+        try:
+            await runner.run()
+        finally:
+            await janitor.close()
     finally:
         await api_client.close()
     return 0
 
 
-def _downward_owner() -> dict[str, str] | None:
-    """The gateway's own Pod, from the downward API env vars set in deploy/."""
-    name, uid = os.environ.get("KUBERUN_POD_NAME"), os.environ.get("KUBERUN_POD_UID")
-    if name and uid:
-        return {"apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid}
-    return None
-
-
 def _gateway_name() -> str | None:
     return os.environ.get("KUBERUN_GATEWAY_NAME") or os.environ.get("KUBERUN_POD_NAME")
-
-
-async def _janitor(runner: Any, owner: dict[str, str]) -> None:
-    """Delete Pods labelled for this gateway that no live connection owns (start-up only)."""
-    from .manifests import (
-        LABEL_GATEWAY,
-        LABEL_MANAGED_BY,
-        MANAGED_BY,
-        id_label_value,
-        managed_selector,
-    )
-    from .pods import PodController, PodRef
-    from .workspace import LABEL_MODE
-
-    name = runner.gateway.name
-    if not name:
-        return
-    controller = PodController(runner.gateway.api_client, logger=_log)
-    namespace = runner.config.kubernetes.namespace
-    deadline = time.monotonic() + runner.config.timeouts.pod_stop
-    try:
-        pods = await controller.list_pods(namespace, managed_selector(gateway=name), deadline)
-    except KuberunError as exc:
-        _log.warning("janitor could not list leftover Pods: %s", exc)
-        return
-    for pod in pods:
-        meta = pod.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        # The selector already says so; a second look costs nothing and guards
-        # against an API server that ignores label selectors.
-        if labels.get(LABEL_GATEWAY) != id_label_value(name):
-            continue
-        if labels.get(LABEL_MANAGED_BY) != MANAGED_BY or not meta.get("uid"):
-            continue
-        if labels.get(LABEL_MODE) == "user":
-            continue  # shared by every replica: only the idle clock deletes it
-        ref = PodRef(namespace, meta.get("name", ""), meta.get("uid", ""))
-        _log.info("janitor: deleting leftover Pod %s", ref.name)
-        await controller.delete(ref, runner.config.timeouts.pod_stop)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -216,11 +216,16 @@ class MetricsServer:
         await self.close()
 
 
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
 async def start_metrics_server(listen: str, registry: CollectorRegistry) -> MetricsServer:
     """Serve ``registry`` as Prometheus ``/metrics`` on ``listen`` (``"HOST:PORT"``).
 
     Runs on the current event loop (aiohttp).  The text exposition format is
-    served by default and OpenMetrics when the scraper asks for it.  Port 0
+    served by default and OpenMetrics when the scraper asks for it; ``/healthz``
+    answers ``ok`` (a liveness probe; neither is logged).  Port 0
     binds a free port; :attr:`MetricsServer.port` tells which.
 
     :raises ConfigError: if ``listen`` is malformed (path ``metrics.listen``).
@@ -229,6 +234,8 @@ async def start_metrics_server(listen: str, registry: CollectorRegistry) -> Metr
     host, port = parse_listen(listen, "metrics.listen")
     app = web.Application()
     app.router.add_get("/metrics", metrics_handler(registry))
+    # Liveness: answered by the event loop itself, so a stuck loop fails it.
+    app.router.add_get("/healthz", _healthz)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:

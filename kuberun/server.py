@@ -376,7 +376,11 @@ class SSHServer(asyncssh.SSHServer):
                 else "client disconnected"
             )
             if exc is not None:
-                handler.logger.info("connection lost: %s", exc)
+                # A TCP connect that never says hello (a readiness probe, a port scan)
+                # is not worth a line at INFO every few seconds.
+                said_hello = self.conn is not None and self.conn.get_extra_info("client_version")
+                level = logging.INFO if said_hello else logging.DEBUG
+                handler.logger.log(level, "connection lost: %s", exc)
             self.gateway.track(asyncio.ensure_future(handler.on_disconnect()))
 
     # -- gateway control ----------------------------------------------------

@@ -52,9 +52,9 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         await runner.start()
         if args.janitor:
-            from kuberun.cli import _janitor
+            from kuberun.janitor import Janitor
 
-            await _janitor(runner, {})
+            await Janitor(config, api_client, None, args.name).collect_leftovers()
         print(f"PORT {runner.port}", flush=True)
         runner.install_signal_handlers()
         await runner.wait_stopped()

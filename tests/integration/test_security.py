@@ -16,12 +16,12 @@ import yaml
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.config import load_kube_config
 
-from kuberun import cli
 from kuberun.config import make_api_client
 from kuberun.devcluster.tls import generate_certificates
 from kuberun.errors import EXIT_POD_FAILED, CommandStartError
 from kuberun.execstream import ExecConnector
 from kuberun.gateway import GatewayRunner
+from kuberun.janitor import Janitor
 from kuberun.manifests import LABEL_GATEWAY, LABEL_MANAGED_BY
 
 from .clusters import TestCluster
@@ -202,7 +202,8 @@ async def test_only_kuberun_pods_are_deleted(gateway: Gateway) -> None:
         bystanders = {"plain", "gateway-label-only", "other-gateway"}
 
         # The janitor deletes only the leftover of this gateway.
-        await cli._janitor(gateway.runner, {})
+        runner = gateway.runner
+        await Janitor(runner.config, api_client, None, runner.gateway.name).collect_leftovers()
 
         async def leftover_gone() -> bool:
             return "leftover" not in await names()
