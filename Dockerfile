@@ -1,4 +1,7 @@
-# The kuberun gateway image. Build: docker build -t kuberun:latest .
+# The kuberun gateway image: docker build -t kuberun:0.1.0 .  (deploy/ runs it; .dockerignore
+# keeps the context to what the wheel is built from). Runs as uid 10001, read-only root
+# filesystem friendly. The real-cluster tests build the same thing without a container
+# builder: tests/realcluster/gateway_image.py.
 FROM python:3.12-slim AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
