@@ -47,6 +47,20 @@ async def test_pty_size_and_resize(gateway: Gateway) -> None:
         await proc.wait()
 
 
+async def test_pty_output_survives_client_eof(gateway: Gateway) -> None:
+    """`ssh -tt host cmd </dev/null`: the client's EOF comes first; as with sshd, a pty
+    session's output still arrives in full (a real kubelet closes the pty with stdin)."""
+    proc = await asyncio.create_subprocess_exec(
+        *gateway.ssh_args("tty; sleep 1; echo after; exit 3", tty=True),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 3, err
+    assert out.startswith(b"/dev/pts/") and out.endswith(b"after\r\n"), out
+
+
 async def test_term_under_ssh_tt(gateway: Gateway) -> None:
     env = dict(os.environ, TERM="xterm-256color")
     proc = await asyncio.create_subprocess_exec(
