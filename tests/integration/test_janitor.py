@@ -1,0 +1,95 @@
+"""The janitor for user Pods in a namespace other than the gateway's (kuberun/janitor.py).
+
+The real cluster's version (a gateway Pod SIGKILLed and force-deleted, its user Pods collected
+by the other replica) is tests/integration/test_deploy.py; here the sweep's choices, on
+devcluster, which takes Pods in any namespace.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from kubernetes_asyncio import client as k8s
+
+from kuberun.config import config_from_dict, make_api_client
+from kuberun.devcluster import DevCluster
+from kuberun.janitor import (
+    ANNOTATION_GATEWAY_POD,
+    ANNOTATION_GATEWAY_POD_UID,
+    GatewayPod,
+    Janitor,
+)
+from kuberun.manifests import LABEL_MANAGED_BY
+from kuberun.workspace import LABEL_MODE
+
+pytestmark = pytest.mark.devcluster_only
+
+SPEC = {"containers": [{"name": "shell", "image": "x", "command": ["sleep", "3600"]}]}
+
+
+async def test_sweep_deletes_only_pods_whose_gateway_pod_is_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with DevCluster() as dev:
+        kubeconfig = tmp_path / "kubeconfig"
+        dev.write_kubeconfig(str(kubeconfig))
+        config = config_from_dict(
+            {"kubernetes": {"kubeconfig": str(kubeconfig), "namespace": "users"}}
+        )
+        api_client = await make_api_client(config.kubernetes)
+        try:
+            api = k8s.CoreV1Api(api_client)
+
+            async def create(ns: str, name: str, **meta: Any) -> str:
+                body = {"metadata": {"name": name, **meta}, "spec": SPEC}
+                pod = await api.create_namespaced_pod(ns, cast(Any, body))
+                return str(pod.metadata.uid)
+
+            live_uid = await create("gw", "gateway-live")
+            managed = {LABEL_MANAGED_BY: "kuberun"}
+
+            def owned_by(where: str, uid: str) -> dict[str, str]:
+                return {ANNOTATION_GATEWAY_POD: where, ANNOTATION_GATEWAY_POD_UID: uid}
+
+            await create(
+                "users",
+                "of-live",
+                labels=managed,
+                annotations=owned_by("gw/gateway-live", live_uid),
+            )
+            await create(
+                "users",
+                "of-gone",
+                labels=managed,
+                annotations=owned_by("gw/gateway-gone", "u-gone"),
+            )
+            # Same name, another Pod: the one it names is gone.
+            await create(
+                "users",
+                "of-replaced",
+                labels=managed,
+                annotations=owned_by("gw/gateway-live", "u-old"),
+            )
+            await create("users", "unannotated", labels=managed)
+            await create("users", "not-ours", annotations=owned_by("gw/gateway-gone", "u"))
+            await create(
+                "users",
+                "workspace",
+                labels={**managed, LABEL_MODE: "user"},
+                annotations=owned_by("gw/gateway-gone", "u-gone"),
+            )
+
+            janitor = Janitor(
+                config, api_client, GatewayPod("gateway-live", live_uid, "gw"), "gateway-live"
+            )
+            with caplog.at_level(logging.INFO, logger="kuberun"):
+                assert await janitor.sweep() == 2
+            left = await api.list_namespaced_pod("users")
+            names = {p.metadata.name for p in left.items if not p.metadata.deletion_timestamp}
+            assert names == {"of-live", "unannotated", "not-ours", "workspace"}
+            assert "its gateway Pod gw/gateway-gone is gone" in caplog.text
+        finally:
+            await api_client.close()
