@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from tests.realcluster.common import CACHE, REPO, log, run
-from tests.realcluster.images import DEBIAN_IMAGE, ensure_images, write_oci_archive
+from tests.realcluster.images import DEBIAN_IMAGE, _versioned, ensure_images, write_oci_archive
 from tests.realcluster.layout import Binaries, Layout
 
 GATEWAY_REPOSITORY = "kuberun.local/kuberun"
@@ -98,7 +98,8 @@ def ensure_gateway_image(cache: Path = CACHE, repo: Path = REPO) -> tuple[str, P
     key = source_key(repo)
     name = f"{GATEWAY_REPOSITORY}:{key}"
     images = cache / "images"
-    out = images / f"kuberun-{key}.oci.tar"
+    images.mkdir(parents=True, exist_ok=True)
+    out = _versioned(images, "kuberun", key)  # older trees' archives (~300 MB each) go
     if out.exists():
         return name, out
     debian = ensure_images(cache)[DEBIAN_IMAGE]
