@@ -526,8 +526,10 @@ NEEDED = {
     GATEWAY_NS: {"pods": {"get"}},
     "default": {},
 }
-# Granted to every authenticated account (system:basic-user, system:discovery).
+# Granted to every authenticated account by the default ClusterRoles (system:basic-user;
+# system:cluster-trust-bundle-discovery lets every ServiceAccount read ClusterTrustBundles).
 EVERYONE = {
+    "clustertrustbundles.certificates.k8s.io",
     "selfsubjectreviews.authentication.k8s.io",
     "selfsubjectaccessreviews.authorization.k8s.io",
     "selfsubjectrulesreviews.authorization.k8s.io",
