@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -446,6 +447,27 @@ def test_rollout_drains_each_replica(deployed: Deployed) -> None:
             sessions[name] = stack.enter_context(held_session(deployed, port))
         user_pods = set(deployed.user_pods())
         assert len(user_pods) == 2
+        # Every state the gateway Pods pass through, to see how the old ones' containers end.
+        watched = deployed.tmp / "rollout-watch.json"
+        watch = stack.enter_context(
+            subprocess.Popen(
+                [
+                    kubectl_binary(),
+                    "--kubeconfig",
+                    str(deployed.kubeconfig),
+                    "-n",
+                    GATEWAY_NS,
+                    "get",
+                    "pods",
+                    "-l",
+                    "app.kubernetes.io/name=kuberun",
+                    "-w",
+                    "-o",
+                    "json",
+                ],
+                stdout=stack.enter_context(watched.open("w")),
+            )
+        )
         started = time.monotonic()
         deployed.kubectl("-n", GATEWAY_NS, "rollout", "restart", "deployment/kuberun")
 
@@ -463,11 +485,44 @@ def test_rollout_drains_each_replica(deployed: Deployed) -> None:
             assert proc.stderr is not None
             err = proc.stderr.read()
             assert SHUTDOWN_MESSAGE in err, (name, err)
-    deployed.kubectl("-n", GATEWAY_NS, "rollout", "status", "deployment/kuberun", "--timeout=300s")
+        deployed.kubectl(
+            "-n", GATEWAY_NS, "rollout", "status", "deployment/kuberun", "--timeout=300s"
+        )
+
+        def old_gone() -> bool:
+            return not set(old) & {
+                p["metadata"]["name"] for p in deployed.objects(GATEWAY_NS, "pods")
+            }
+
+        poll(old_gone, 120, "old replicas gone")
+        watch.terminate()
+        watch.wait(10)
+        ends = container_ends(watched.read_text())
     poll(lambda: not (set(deployed.user_pods()) & user_pods), 60, "old users' Pods deleted")
-    gone = {p["metadata"]["name"] for p in deployed.objects(GATEWAY_NS, "pods")}
-    assert not gone & set(old)
+    # Each old gateway exited by itself, drained, before the kubelet's SIGKILL.
+    assert {name: ends.get(name) for name in old} == {name: (0, "Completed") for name in old}
     assert time.monotonic() - started < 2 * (45 + 60)  # two drains, two starts
+
+
+def container_ends(stream: str) -> dict[str, tuple[int, str]]:
+    """(exit code, reason) of each Pod's terminated container in a `kubectl get -w -o json`
+    stream of Pod objects."""
+    decoder = json.JSONDecoder()
+    ends: dict[str, tuple[int, str]] = {}
+    position = 0
+    while (position := _skip_space(stream, position)) < len(stream):
+        pod, position = decoder.raw_decode(stream, position)
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            terminated = status.get("state", {}).get("terminated")
+            if terminated:
+                ends[pod["metadata"]["name"]] = (terminated["exitCode"], terminated["reason"])
+    return ends
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
 
 
 def container_pid(deployed: Deployed, pod: Any) -> int:
