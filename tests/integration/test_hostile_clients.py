@@ -4,6 +4,7 @@ client is served (README, "Limits and refusals")."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -84,6 +85,23 @@ async def test_garbage_instead_of_ssh(gateway: Gateway, exception_handler: list[
     await wait_for(lambda: gateway.runner.gateway.unauthenticated == 0, 10, "released")
     await _served(gateway)
     assert not exception_handler
+
+
+async def test_probe_connections_are_not_logged_at_info(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TCP connect that closes without a version line (a readiness probe) is DEBUG only;
+    one that said hello and was then cut is still worth an INFO line."""
+    with caplog.at_level(logging.DEBUG, logger="kuberun"):
+        for hello in (b"", b"SSH-2.0-probe\r\n"):
+            _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(hello)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.transport.abort()
+            await wait_for(lambda: gateway.runner.gateway.connections == 0, 10, "closed")
+    lost = [r for r in caplog.records if "connection lost" in r.getMessage()]
+    assert [r.levelno for r in lost] == [logging.DEBUG, logging.INFO], lost
 
 
 # -- sessions: ssh.max_sessions ---------------------------------------------------------

@@ -157,6 +157,8 @@ async def test_metrics_server_serves_the_registry() -> None:
             async with session.get(url, headers=headers) as response:
                 assert response.headers["Content-Type"].startswith("application/openmetrics-text")
                 assert (await response.text()).rstrip().endswith("# EOF")
+            async with session.get(f"http://127.0.0.1:{server.port}/healthz") as response:
+                assert response.status == 200 and await response.text() == "ok\n"
             async with session.get(f"http://127.0.0.1:{server.port}/other") as response:
                 assert response.status == 404
     finally:
