@@ -97,7 +97,9 @@ def up(layout: Layout, binaries: Binaries) -> None:
     api = None
     if _running(layout) == DAEMONS and layout.kubeconfig.exists():
         api = Api("127.0.0.1", APISERVER_PORT, layout.pki)
-        if api.probe("GET", "/readyz")[0] == 200:
+        # All daemons run: give an apiserver that is just restarting (fault injection) a
+        # minute to become ready before calling the cluster broken and starting afresh.
+        if _apiserver_ready_within(api, 60):
             log(f"cluster in {layout.root} is already running; checking it")
             _wait_usable(layout, api, node)
             log(f"ready in {time.monotonic() - started:.0f}s: KUBECONFIG={layout.kubeconfig}")
@@ -162,6 +164,15 @@ def _start(layout: Layout, binaries: Binaries, api: Api) -> None:
         _launch(layout, binaries, api, name)
     # Verified once they all run: they must outlive this process (own session, stdin closed).
     processes.check_alive(layout, DAEMONS)
+
+
+def _apiserver_ready_within(api: Api, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while api.probe("GET", "/readyz")[0] != 200:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def _etcd_healthy() -> bool:
