@@ -42,6 +42,12 @@ CHUNK = 1024 * 1024
 #: (an ``audit.dropped`` event says how many once writing works again).
 MAX_QUEUED_EVENTS = 100_000
 
+#: After writing recordings the thread looks for more this often (seconds) before it sleeps.
+LINGER = 0.02
+
+#: Queued recording bytes that wake the thread at once.
+WAKE_BYTES = 4 * CHUNK
+
 #: Recording buffers kept for reuse, at most.
 POOL_BUFFERS = 16
 
@@ -118,6 +124,7 @@ class AuditWriter:
         self._queued_events = 0
         self._dropped_events = 0
         self._closing = False
+        self._asleep = False  # waiting with nothing to do: the next job wakes it
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self._stem = f"events-{stamp}-{os.getpid()}"
         self._file_no = 0
@@ -158,7 +165,11 @@ class AuditWriter:
             self.queued_bytes += nbytes
             recording.queued += nbytes
             self._jobs.append((recording, chunk, nbytes))
-            self._cond.notify()
+            # A full chunk of a busy stream waits for the thread's next round (at most
+            # LINGER seconds) unless WAKE_BYTES are waiting: one wake-up, and one GIL
+            # handoff, per several MiB instead of per chunk.
+            if self._asleep or nbytes < CHUNK or self.queued_bytes >= WAKE_BYTES:
+                self._cond.notify()
 
     def buffer(self) -> memoryview:
         """A page-aligned :data:`CHUNK`-byte buffer for a recording (reused when possible)."""
@@ -194,10 +205,15 @@ class AuditWriter:
     # -- the thread --------------------------------------------------------
 
     def _run(self) -> None:
+        linger = False
         while True:
             with self._cond:
+                if linger and not self._jobs and not self._closing:
+                    self._cond.wait(LINGER)
                 while not self._jobs and not self._closing:
+                    self._asleep = True
                     self._cond.wait()
+                self._asleep = False
                 if not self._jobs:
                     break
                 batch = list(self._jobs)
@@ -226,6 +242,7 @@ class AuditWriter:
                 self._write_events(lines)
             for recording, (chunks, nbytes, finish) in recordings.items():
                 self._write_recording(recording, chunks, nbytes, finish)
+            linger = bool(recordings)
         self._close_events()
 
     def _write_recording(
