@@ -241,3 +241,28 @@ async def test_a_refused_read_while_joining_is_a_clear_pod_start_error(gateway: 
             assert "kuberun: " in str(result.stderr) and "403" in str(result.stderr)
         # The first connection is untouched.
         assert (await first.run("echo still", input="")).stdout == "still\n"
+
+
+@pytest.mark.devcluster_only  # injected faults
+@pytest.mark.parametrize("gateway_overrides", [USER_MODE])
+async def test_a_replica_that_cannot_renew_its_lease_gives_up_its_sessions_first(
+    gateway: Gateway,
+) -> None:
+    """Peers would see the Lease expire after lease_duration and could delete the Pod:
+    the replica ends its user sessions before that, and serves again once renewed."""
+    metrics = gateway.runner.metrics
+    async with gateway.asyncssh_connect() as conn:
+        proc = await conn.create_process("echo started; sleep 60", encoding="utf-8")
+        assert await proc.stdout.readline() == "started\n"
+        fault = gateway.cluster.dev.faults.fail(503, path="/leases/", count=None)
+        try:
+            result = await asyncio.wait_for(proc.wait(), 20)
+            assert result.exit_status == 254
+            assert "lost contact with the Kubernetes API" in str(result.stderr)
+            assert metrics.claims_lost._value.get() == 1
+            assert metrics.lease_renew_failures._value.get() >= 1
+        finally:
+            fault.cancel()
+    # Renewed again: the user is served again.
+    async with gateway.asyncssh_connect() as conn:
+        assert (await conn.run("echo back", input="")).stdout == "back\n"
