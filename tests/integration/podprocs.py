@@ -1,14 +1,17 @@
-"""The processes of devcluster Pods, read from /proc: devcluster Pods are local processes,
-and each exec runs in a process group of its own, whose id kuberun's wrapper records in
-``pod.pid_dir`` (as ``-PGID``)."""
+"""The processes of the tests' Pods. Each exec runs in a process group of its own, whose
+id kuberun's wrapper records in ``pod.pid_dir`` (as ``-PGID``; the test's directory, which
+real-cluster Pods mount at the same path). devcluster Pods are local processes, read from
+/proc; in any Pod, ``ps`` run through the gateway sees them."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
+from typing import Any
 
-from .conftest import wait_for
+from .clusters import REAL
+from .conftest import Gateway, wait_for
 
 
 def _stat(pid: int) -> tuple[str, int, str] | None:
@@ -45,6 +48,41 @@ async def recorded_group(pid_dir: Path, before: Collection[str]) -> int:
     assert len(new) == 1, new
     path = pid_dir / new.pop()
     text = await wait_for(lambda: path.read_text().strip(), 20, "empty PID file")
-    # devcluster starts every exec in a session of its own, as runc does.
+    # devcluster and runc start every exec in a session of its own.
     assert text.startswith("-"), text
     return int(text[1:])
+
+
+async def pod_group_members(conn: Any, pgid: int) -> dict[int, str]:
+    """Live processes of process group ``pgid`` in the Pod of ``conn`` (an asyncssh
+    connection to the gateway), read with ``ps`` in the Pod: the same on devcluster and
+    on a real cluster, whose Pods have a PID namespace of their own."""
+    result = await conn.run("ps -e -o pid=,pgid=,stat=,comm=", check=True)
+    members = {}
+    for line in str(result.stdout).splitlines():
+        pid, group, stat, comm = line.split(None, 3)
+        if int(group) == pgid and not stat.startswith("Z"):
+            members[int(pid)] = comm
+    return members
+
+
+def pod_group_gone(conn: Any, pgid: int) -> Callable[[], Awaitable[bool]]:
+    """A condition for :func:`wait_for`: no live process of ``pgid`` in the Pod of ``conn``."""
+
+    async def gone() -> bool:
+        return not await pod_group_members(conn, pgid)
+
+    return gone
+
+
+def program_gone(gateway: Gateway, pgid: int) -> Callable[[], Any]:
+    """A condition for :func:`wait_for` once the client's connection is over: on devcluster
+    the program's process group has no process left; on a real cluster, whose processes
+    this machine cannot name, the connection's Pod is gone (and all in it)."""
+    if REAL:
+
+        async def no_pods() -> bool:
+            return not await gateway.cluster.pods()
+
+        return no_pods
+    return group_gone(pgid)

@@ -24,7 +24,7 @@ import asyncssh
 import pytest
 
 from .conftest import SSH_OPTS, Gateway, wait_for
-from .podprocs import group_gone, recorded_group
+from .podprocs import pod_group_gone, program_gone, recorded_group
 
 pytestmark = pytest.mark.openssh
 
@@ -49,10 +49,16 @@ class Reader:
         self.fd = fd
         self.data = b""
 
-    async def read_until(self, done: Any) -> bytes:
+    async def read_until(self, done: Any, timeout: float = 30) -> bytes:
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not done(self.data):
-            chunk = await loop.run_in_executor(None, os.read, self.fd, 65536)
+            read = loop.run_in_executor(None, os.read, self.fd, 65536)
+            try:
+                chunk = await asyncio.wait_for(read, max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                self.proc.kill()  # its end of the pipe closes: the blocked read returns
+                pytest.fail(f"no output for {timeout}s after {self.data[:200]!r}")
             assert chunk, f"EOF after {self.data[:200]!r}"
             self.data += chunk
         return self.data
@@ -114,22 +120,22 @@ async def start_watched(gateway: Gateway, command: str, **kwargs: Any) -> tuple[
     return reader, await recorded_group(pid_dir, before)
 
 
-async def ended_as_with_sshd(rc: int, err: bytes, elapsed: float, pgid: int) -> None:
+async def ended_as_with_sshd(
+    gateway: Gateway, rc: int, err: bytes, elapsed: float, pgid: int
+) -> None:
     """ssh reported the exit-signal, promptly, and nothing of the program is left."""
     assert rc == SSH_EXIT_SIGNALLED, err
     assert elapsed < 10
-    await wait_for(group_gone(pgid), 10, "the program is still running")
+    await wait_for(program_gone(gateway, pgid), 10, "the program is still running")
 
 
-@pytest.mark.devcluster_only
 @pytest.mark.parametrize("tty", [False, True], ids=["no-pty", "pty"])
 @pytest.mark.parametrize(("command", "how"), READER_CASES, ids=READER_IDS)
 async def test_reader_that_stops(gateway: Gateway, command: str, how: str, tty: bool) -> None:
     reader, pgid = await start_watched(gateway, command, tty=tty)
-    await ended_as_with_sshd(*await finish(reader, await stop_reading(reader, how)), pgid)
+    await ended_as_with_sshd(gateway, *await finish(reader, await stop_reading(reader, how)), pgid)
 
 
-@pytest.mark.devcluster_only
 async def test_stderr_flows_after_stdout_broke(gateway: Gateway) -> None:
     # A writer of stderr that survives SIGPIPE keeps writing after the reader of stdout
     # left: kuberun relays all of it, then ends the session with the status of `yes`,
@@ -141,7 +147,7 @@ async def test_stderr_flows_after_stdout_broke(gateway: Gateway) -> None:
     )
     reader, pgid = await start_watched(gateway, command, extra_opts=["-vv"])
     rc, err, elapsed = await finish(reader, await stop_reading(reader, "head -c 10"))
-    await ended_as_with_sshd(rc, err, elapsed, pgid)
+    await ended_as_with_sshd(gateway, rc, err, elapsed, pgid)
     log = err.decode().splitlines()
     assert "debug2: channel 0: send eow" in log
     after_eow = log[log.index("debug2: channel 0: send eow") :]
@@ -155,18 +161,16 @@ async def test_stderr_flows_after_stdout_broke(gateway: Gateway) -> None:
     assert relayed_later > 0
 
 
-@pytest.mark.devcluster_only
 async def test_client_killed_while_its_window_is_closed(gateway: Gateway) -> None:
     reader, pgid = await start_watched(gateway, "yes")
     await asyncio.sleep(1.5)  # nothing read: the window closes, output queues up
     reader.proc.send_signal(signal.SIGKILL)
     await asyncio.wait_for(reader.proc.wait(), 10)
     reader.close()
-    await wait_for(group_gone(pgid), 10, "the program is still running")
+    await wait_for(program_gone(gateway, pgid), 10, "the program is still running")
     await gateway.wait_no_pods()
 
 
-@pytest.mark.devcluster_only
 async def test_channel_closed_while_output_is_queued(gateway: Gateway) -> None:
     pid_dir = gateway.workdir / "pids"
     async with gateway.asyncssh_connect() as conn:
@@ -177,7 +181,7 @@ async def test_channel_closed_while_output_is_queued(gateway: Gateway) -> None:
         started = time.monotonic()
         proc.close()
         await asyncio.wait_for(proc.wait_closed(), 10)
-        await wait_for(group_gone(pgid), 10, "the program is still running")
+        await wait_for(pod_group_gone(conn, pgid), 10, "the program is still running")
         assert time.monotonic() - started < 10
         result = await conn.run("echo still-here")
         assert result.stdout == "still-here\n"

@@ -2,7 +2,8 @@
 whose PID is not the one the exec started with (dash does not exec a lone command) and
 programs with children of their own; closing the channel ends all of them.
 
-devcluster Pods are local processes, so the Pod's process groups are read from /proc.
+The Pod's process groups are read with ``ps`` in the Pod, so this runs on devcluster and
+on a real cluster alike.
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ import asyncssh
 import pytest
 
 from .conftest import Gateway, wait_for
-from .podprocs import group_gone, group_members, recorded_group
-
-# Reads the Pod's processes from this machine's /proc, where only devcluster's Pods are.
-pytestmark = pytest.mark.devcluster_only
+from .podprocs import pod_group_gone, pod_group_members, recorded_group
 
 PROGRAMS = {
     "lone": "sleep 30",
@@ -44,7 +42,11 @@ async def start(conn: asyncssh.SSHClientConnection, pid_dir: Path, name: str, pt
         PROGRAMS[name], term_type="xterm" if pty else None, encoding=None
     )
     pgid = await recorded_group(pid_dir, before)
-    await wait_for(lambda: "sleep" in group_members(pgid).values(), 20, f"{name}: no sleep")
+
+    async def sleeping() -> bool:
+        return "sleep" in (await pod_group_members(conn, pgid)).values()
+
+    await wait_for(sleeping, 20, f"{name}: no sleep")
     return Started(name, proc, pgid)
 
 
@@ -78,18 +80,18 @@ async def test_signals_reach_the_whole_program(gateway: Gateway, pty: bool) -> N
             assert result.exit_signal is not None, (name, sig, result.exit_status)
             assert result.exit_signal[0] == sig, (name, sig, result.exit_signal)
             assert b"after" not in result.stdout
-            await wait_for(group_gone(run.pgid), 10, f"{name}/{sig} left")
+            await wait_for(pod_group_gone(conn, run.pgid), 10, f"{name}/{sig} left")
         if ignored is not None:
             run = runs[ignored]
-            await wait_for(
-                lambda: set(group_members(run.pgid).values()) == {"sleep"},
-                10,
-                f"shells: {group_members(run.pgid)}",
-            )
+
+            async def only_sleep_left() -> bool:
+                return set((await pod_group_members(conn, run.pgid)).values()) == {"sleep"}
+
+            await wait_for(only_sleep_left, 10, "the shells did not die of SIGINT")
             await asyncio.sleep(1)
             assert run.proc.exit_status is None and run.proc.exit_signal is None
             run.proc.close()
-            await wait_for(group_gone(run.pgid), 10, "job/INT left after close")
+            await wait_for(pod_group_gone(conn, run.pgid), 10, "job/INT left after close")
 
 
 @pytest.mark.parametrize("pty", [False, True], ids=["no-pty", "pty"])
@@ -100,7 +102,7 @@ async def test_channel_close_ends_the_whole_program(gateway: Gateway, pty: bool)
         for run in runs:
             run.proc.close()
         for run in runs:
-            await wait_for(group_gone(run.pgid), 10, f"{run.name} left")
+            await wait_for(pod_group_gone(conn, run.pgid), 10, f"{run.name} left")
         # The connection and its Pod are still in use.
         result = await conn.run("echo still-here")
         assert result.stdout == "still-here\n"
