@@ -93,3 +93,35 @@ async def test_sweep_deletes_only_pods_whose_gateway_pod_is_gone(
             assert "its gateway Pod gw/gateway-gone is gone" in caplog.text
         finally:
             await api_client.close()
+
+
+async def test_start_warns_when_the_janitor_cannot_work(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Configured wrongly, the gateway says so at start: no `get` on Pods in its own
+    namespace (then it does not sweep), or no way to tell which namespace that is."""
+    async with DevCluster() as dev:
+        kubeconfig = tmp_path / "kubeconfig"
+        dev.write_kubeconfig(str(kubeconfig))
+        config = config_from_dict(
+            {"kubernetes": {"kubeconfig": str(kubeconfig), "namespace": "users"}}
+        )
+        api_client = await make_api_client(config.kubernetes)
+        try:
+            dev.faults.fail(403, verb="get", count=None, reason="Forbidden")
+            with caplog.at_level(logging.INFO, logger="kuberun"):
+                janitor = Janitor(config, api_client, GatewayPod("g", "u", "gw"), "g")
+                await janitor.start()
+                assert janitor._task is None  # no sweeping without the owner check
+                await janitor.close()
+                assert "may not read Pods in namespace 'gw'" in caplog.text
+                assert "kuberun-janitor" in caplog.text
+
+                caplog.clear()
+                unknown = Janitor(config, api_client, GatewayPod("g", "u", None), "g")
+                await unknown.start()
+                assert unknown.owner is not None
+                assert "cannot tell which namespace this gateway's Pod is in" in caplog.text
+                await unknown.close()
+        finally:
+            await api_client.close()
