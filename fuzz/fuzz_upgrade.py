@@ -162,6 +162,9 @@ class Transport:
     def is_closing(self) -> bool:
         return self.closed
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default  # plain bytes, no TLS object to look into
+
     def close(self) -> None:
         self.closed = True
 
