@@ -218,7 +218,16 @@ async def test_audit_trail_says_created_then_reused_and_never_deleted(gateway: G
         async with gateway.asyncssh_connect() as second:
             await second.run("true", input="", check=True)
     uid = (await _user_pods(gateway))[0]["metadata"]["uid"]
-    events = read_events(Path(gateway.runner.config.audit.directory or ""))
+    directory = Path(gateway.runner.config.audit.directory or "")
+
+    def both_written() -> bool:
+        # The audit's writer thread writes events as they come, not by the time the
+        # client has its answer: wait for the second connection's.
+        kinds = [e["event"] for e in read_events(directory)]
+        return kinds.count("pod.created") + kinds.count("pod.reused") >= 2
+
+    await wait_for(both_written, 10, "the two connections' Pod events")
+    events = read_events(directory)
     pods = [(e["event"], e["connection"]) for e in events if e["event"].startswith("pod.")]
     created = [c for kind, c in pods if kind == "pod.created"]
     assert len(created) == 1
