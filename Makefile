@@ -70,6 +70,12 @@ clean:
 bench-e2e: build
 	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m benchmarks.e2e $(BENCH_E2E_ARGS)
 
+# ssh -L through the gateway against ssh -L through a direct asyncssh server (results in
+# benchmarks/RESULTS.md): throughput both ways, CPU per GiB, 1-byte echo latency.
+.PHONY: bench-forward
+bench-forward: build
+	KUBERUN_REQUIRE_EXTENSIONS=1 $(PY) -m benchmarks.e2e.forward $(BENCH_FORWARD_ARGS)
+
 # The long chaos run (not part of `make test`, which runs a short one): 1,000 random
 # connection lifecycles under injected API, exec and node faults, with clients killed
 # mid-start and mid-transfer, against gateway processes SIGTERMed mid-traffic; exits

@@ -11,6 +11,9 @@
   exec, exit) against ``kubectl run --rm -i --restart=Never ... -- true``; p50 and p99.
 * API calls per connection: the gateway's own counters (``kuberun_backend_requests_total``
   and exec opens) around one connection with three sessions.
+* Port forwarding: SIZE each way and 1-byte echoes to a server in the Pod
+  (``benchmarks/e2e/forward_target.py``), through ``ssh -L`` on the gateway against
+  ``kubectl port-forward`` (SPDY, or SPDY over WebSocket).
 
 Needs a real cluster (KUBERUN_REAL_KUBECONFIG, as the tests): ``make bench-real``.
 The gateway runs as ``tests.integration.gatewayproc`` (uvloop, Cython relay) with the
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import re
 import statistics
@@ -38,6 +42,12 @@ from tests.integration.chaos import SSH_OPTS, GatewayProcess
 from tests.integration.clusters import REAL_IMAGE, RealTestCluster, open_cluster
 
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
+FORWARD_TARGET = Path(__file__).with_name("e2e") / "forward_target.py"
+# The e2e suite's transfer and echo loops (imported by name: mypy sees benchmarks/ as
+# two roots, this file and the e2e package).
+_forward: Any = importlib.import_module("benchmarks.e2e.forward")
+#: The target's port inside the Pod's network namespace.
+POD_PORT = 18080
 MiB = 1 << 20
 
 
@@ -187,6 +197,52 @@ class Bench:
             )  # fmt: skip
         return result
 
+    # -- port forwarding ----------------------------------------------------------------
+
+    async def forwards(self, size: int, rounds: int, echoes: int) -> dict[str, list[float]]:
+        """ssh -L through the gateway against kubectl port-forward, to one server in the Pod."""
+        script = self.workdir / "forward_target.py"  # the workdir is mounted in the Pod
+        script.write_text(FORWARD_TARGET.read_text())
+        server = await asyncio.create_subprocess_exec(
+            *self.ssh(f"exec python3 {script} {POD_PORT}"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert server.stdout is not None
+        await asyncio.wait_for(server.stdout.readline(), 60)  # listening
+        via_ssh, via_kubectl = _free_port(), _free_port()
+        await _output(
+            [
+                "ssh", *SSH_OPTS, "-o", f"ControlPath={self.control}", "-O", "forward",
+                "-L", f"{via_ssh}:localhost:{POD_PORT}", "bench@127.0.0.1",
+            ]
+        )  # fmt: skip
+        kubectl = await asyncio.create_subprocess_exec(
+            *self.kubectl("port-forward", self.pod, f"{via_kubectl}:{POD_PORT}"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert kubectl.stdout is not None
+        await asyncio.wait_for(kubectl.stdout.readline(), 60)  # "Forwarding from ..."
+        ports = {"kuberun": via_ssh, "kubectl": via_kubectl}
+        result: dict[str, list[float]] = {}
+        try:
+            for _ in range(rounds):
+                for name, port in ports.items():
+                    for direction in ("download", "upload"):
+                        seconds = await asyncio.to_thread(
+                            _forward.move, port, "down" if direction == "download" else "up", size
+                        )
+                        result.setdefault(f"{name} {direction}", []).append(seconds)
+            for name, port in ports.items():
+                result[f"{name} echo"] = await asyncio.to_thread(_forward.echo_rtts, port, echoes)
+        finally:
+            kubectl.terminate()
+            await kubectl.wait()
+            server.terminate()
+            await server.wait()
+        return result
+
     # -- API calls ------------------------------------------------------------------------
 
     async def api_calls(self) -> dict[str, float]:
@@ -264,15 +320,31 @@ async def run(args: argparse.Namespace) -> None:
             await bench.start()
             try:
                 size = args.size_mib * MiB
-                times = await bench.throughput(size, args.rounds)
-                keys = await bench.keystrokes(args.keys)
-                starts = await bench.pod_starts(args.starts)
-                calls = await bench.api_calls()
+                forwards = await bench.forwards(size, args.rounds, args.keys)
+                if args.forward_only:
+                    times, keys, starts, calls = {}, {}, {}, {}
+                else:
+                    times = await bench.throughput(size, args.rounds)
+                    keys = await bench.keystrokes(args.keys)
+                    starts = await bench.pod_starts(args.starts)
+                    calls = await bench.api_calls()
             finally:
                 await bench.stop()
     print(
         f"# real path, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores"
     )
+    if not args.forward_only:
+        _print_exec(args, times, keys, starts, calls)
+    _print_forwards(args, forwards)
+
+
+def _print_exec(
+    args: argparse.Namespace,
+    times: dict[str, list[float]],
+    keys: dict[str, list[float]],
+    starts: dict[str, list[float]],
+    calls: dict[str, float],
+) -> None:
     print(f"\n## Throughput, {args.size_mib} MiB per transfer, medians of {args.rounds}\n")
     print("| direction | kuberun (ssh) | kubectl exec -i | kuberun / kubectl |")
     print("|---|---|---|---|")
@@ -302,12 +374,35 @@ async def run(args: argparse.Namespace) -> None:
         print(f"- {name}: {value:g}")
 
 
+def _print_forwards(args: argparse.Namespace, forwards: dict[str, list[float]]) -> None:
+    print(f"\n## Port forwarding to a server in the Pod, {args.size_mib} MiB, medians\n")
+    print("| direction | kuberun (ssh -L) | kubectl port-forward | kuberun / kubectl |")
+    print("|---|---|---|---|")
+    for direction in ("download", "upload"):
+        k = statistics.median(forwards[f"kuberun {direction}"])
+        c = statistics.median(forwards[f"kubectl {direction}"])
+        mbs = args.size_mib * MiB / 1e6
+        print(f"| {direction} | {mbs / k:.0f} MB/s | {mbs / c:.0f} MB/s | {c / k:.2f} |")
+    print(f"\n1-byte echo, {args.keys} samples (ms)\n")
+    print("| path | p50 | p90 | p99 |")
+    print("|---|---|---|---|")
+    for name in ("kuberun", "kubectl"):
+        samples = forwards[f"{name} echo"]
+        print(
+            f"| {name} | {percentile(samples, 50):.2f} | {percentile(samples, 90):.2f} "
+            f"| {percentile(samples, 99):.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_path", description=__doc__)
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keys", type=int, default=300)
     parser.add_argument("--starts", type=int, default=20)
+    parser.add_argument(
+        "--forward-only", action="store_true", help="only the port-forwarding comparison"
+    )
     import uvloop
 
     uvloop.run(run(parser.parse_args()))

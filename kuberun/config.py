@@ -36,6 +36,7 @@ from typing import Any, Literal
 from ._configread import Section, describe, join, read_yaml_file, with_line
 from ._kubeclient import make_api_client, make_client_configuration
 from .errors import ConfigError
+from .permitopen import PermitOpen
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -173,7 +174,8 @@ class SSHConfig:
     in it is replaced by the login name (one file per user), without it one
     file serves everyone.  ``accept_env`` lists OpenSSH ``AcceptEnv``-style
     patterns (``*`` and ``?`` wildcards).  ``ciphers`` None means
-    :data:`DEFAULT_CIPHERS`.
+    :data:`DEFAULT_CIPHERS`.  ``allow_tcp_forwarding`` and ``permit_open``
+    (OpenSSH ``PermitOpen`` syntax) govern ``ssh -L``/``-D``/``-W`` into the Pod.
     """
 
     listen: str = "0.0.0.0:2222"
@@ -186,9 +188,14 @@ class SSHConfig:
     ciphers: tuple[str, ...] | None = None
     banner: str | None = None
     server_version: str | None = DEFAULT_SERVER_VERSION
+    allow_tcp_forwarding: bool = True
+    permit_open: tuple[str, ...] = ("any",)
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "ssh.listen")
+        if not isinstance(self.allow_tcp_forwarding, bool):
+            raise ConfigError("ssh.allow_tcp_forwarding", "expected true or false")
+        PermitOpen.parse(self.permit_open)
         if not self.host_keys:
             raise ConfigError("ssh.host_keys", "at least one host key path is required")
         for i, key in enumerate(self.host_keys):
@@ -215,6 +222,11 @@ class SSHConfig:
     def effective_ciphers(self) -> tuple[str, ...]:
         """The ciphers to offer: ``ciphers``, or :data:`DEFAULT_CIPHERS` when None."""
         return self.ciphers if self.ciphers is not None else DEFAULT_CIPHERS
+
+    @property
+    def permitted_opens(self) -> PermitOpen:
+        """``permit_open``, parsed."""
+        return PermitOpen.parse(self.permit_open)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -563,6 +575,8 @@ def _read_ssh(sec: Section) -> SSHConfig:
         ciphers=sec.optional_strings("ciphers", None),
         banner=sec.optional_string("banner", None),
         server_version=sec.optional_string("server_version", DEFAULT_SERVER_VERSION),
+        allow_tcp_forwarding=sec.boolean("allow_tcp_forwarding", SSHConfig.allow_tcp_forwarding),
+        permit_open=sec.strings("permit_open", SSHConfig.permit_open),
     )
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "ExecError",
     "ExecProtocolError",
     "ExecStreamLost",
+    "ForwardRefused",
     "KubernetesAPIError",
     "KuberunError",
     "PodStartError",
@@ -116,6 +117,20 @@ class ExecError(KuberunError):
 
 class ExecStreamLost(KuberunError):
     """The exec stream ended without a status (connection reset, API server gone)."""
+
+
+class ForwardRefused(KuberunError):
+    """A forwarding channel (``ssh -L``, ``-D``, ``-W``) could not be opened.
+
+    The SSH client sees a channel open failure with ``code`` (an RFC 4254
+    ``SSH_OPEN_*`` value: administratively prohibited, connect failed) and the
+    message as its reason; ``reason`` labels ``kuberun_forward_failures_total``.
+    """
+
+    def __init__(self, message: str, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(message)
 
 
 # Exit statuses the SSH client sees when kuberun, not the program, ended a session.

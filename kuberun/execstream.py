@@ -23,7 +23,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from . import relay
@@ -107,13 +107,30 @@ class _Sink:
         self.on_close = stream._on_close
 
 
+_S = TypeVar("_S", bound="ExecStream")
+
+
+def make_decoder(sink: object, protocol: str, **options: Any) -> Any:
+    """A relay decoder of the implementation this module uses (tests switch it)."""
+    return relay.ExecDecoder(cast(Any, sink), protocol, **options)
+
+
 def _consume_exception(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 
 
 class ExecStream(asyncio.BufferedProtocol):
-    """One exec WebSocket. Create it with :meth:`ExecConnector.open`."""
+    """One exec WebSocket. Create it with :meth:`ExecConnector.open`.
+
+    Subclasses serve other Kubernetes channel streams over the same machinery
+    (``kuberun.portforward``): they name their subprotocols and build their decoder.
+    """
+
+    #: Subprotocols offered, and accepted in the answer.
+    subprotocols: tuple[str, ...] = SUBPROTOCOLS
+    #: What the stream is, in messages.
+    what = "exec"
 
     def __init__(self, listener: ExecListener, key: str, ping_interval: float) -> None:
         self._listener = listener
@@ -199,7 +216,12 @@ class ExecStream(asyncio.BufferedProtocol):
                 hint = refused.header("retry-after")
                 self._upgraded.set_exception(
                     CommandStartError(
-                        error_message(refused, bytes(self._response_body or b"")),
+                        error_message(
+                            refused,
+                            bytes(self._response_body or b""),
+                            self.what,
+                            self.subprotocols,
+                        ),
                         refused.status,
                         retry_after=float(hint) if hint.isascii() and hint.isdigit() else None,
                     )
@@ -284,7 +306,7 @@ class ExecStream(asyncio.BufferedProtocol):
         elif response.header("upgrade").lower() != "websocket":
             problem = "missing 'Upgrade: websocket'"
         protocol = response.header("sec-websocket-protocol")
-        if not problem and protocol not in SUBPROTOCOLS:
+        if not problem and protocol not in self.subprotocols:
             problem = f"unexpected subprotocol {protocol!r}"
         if problem:
             self._abort_upgrade(
@@ -298,7 +320,7 @@ class ExecStream(asyncio.BufferedProtocol):
                 self._transport.abort()
             return
         self.protocol = protocol
-        self._decoder = relay.ExecDecoder(cast(Any, _Sink(self, self._listener)), protocol)
+        self._decoder = self._new_decoder(protocol)
         self._head = bytearray()
         self._upgraded.set_result(None)
         self._arm_ping()
@@ -307,6 +329,9 @@ class ExecStream(asyncio.BufferedProtocol):
                 self._decoder.feed(rest)
             except ExecProtocolError as exc:
                 self._fail(exc)
+
+    def _new_decoder(self, protocol: str) -> Any:
+        return make_decoder(_Sink(self, self._listener), protocol)
 
     def _collect_body(self, nbytes: int) -> None:
         # Bodies of refusals are small Status objects; keep at most 64 KiB.
@@ -555,6 +580,16 @@ class ExecConnector:
         self._ssl: ssl.SSLContext | None = self._make_ssl() if self._tls else None
         self._server_hostname = getattr(configuration, "tls_server_name", None) or self._host
 
+    @property
+    def prefix(self) -> str:
+        """The API server URL's path prefix (empty for most clusters)."""
+        return self._prefix
+
+    @property
+    def ping_interval(self) -> float:
+        """Seconds between WebSocket pings on the streams this connector opens."""
+        return self._ping_interval
+
     def _make_ssl(self) -> ssl.SSLContext:
         conf = self._conf
         ctx = ssl.create_default_context(cafile=conf.ssl_ca_cert or None)
@@ -594,14 +629,39 @@ class ExecConnector:
         :raises CommandStartError: the upgrade was refused (the message carries
             the API server's own explanation) or did not finish in ``timeout``.
         """
+        target = exec_path(self._prefix, namespace, pod, container, command, stdin=stdin, tty=tty)
+        ping = self._ping_interval
+        return await self.open_stream(
+            target,
+            lambda key: ExecStream(listener, key, ping),
+            f"{namespace}/{pod}",
+            ExecStream.subprotocols,
+            ExecStream.what,
+            timeout,
+        )
+
+    async def open_stream(
+        self,
+        target: str,
+        make: Callable[[str], _S],
+        label: str,
+        subprotocols: Sequence[str],
+        what: str,
+        timeout: float,
+    ) -> _S:
+        """Open a Kubernetes channel stream at ``target`` (a request path with its
+        query), with retries of transient failures until ``timeout``. ``make``
+        builds the protocol object from the ``Sec-WebSocket-Key``.
+
+        :raises CommandStartError: as :meth:`open`
+        """
         started = time.monotonic()
         deadline = started + timeout
-        target = exec_path(self._prefix, namespace, pod, container, command, stdin=stdin, tty=tty)
         delay = _RETRY_FIRST
         while True:
             try:
                 proto = await self._open_once(
-                    target, listener, deadline - time.monotonic(), timeout
+                    target, make, subprotocols, what, deadline - time.monotonic(), timeout
                 )
                 break
             except CommandStartError as exc:
@@ -612,30 +672,36 @@ class ExecConnector:
                     wait = max(wait, exc.retry_after)
                 if not exc.transient or time.monotonic() + wait >= deadline:
                     raise
-                _log.debug("exec in %s/%s: %s; retrying in %.2fs", namespace, pod, exc, wait)
+                _log.debug("%s in %s: %s; retrying in %.2fs", what, label, exc, wait)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, _RETRY_MAX)
         _log.debug(
-            "exec in %s/%s opened with %s in %.1f ms",
-            namespace,
-            pod,
+            "%s in %s opened with %s in %.1f ms",
+            what,
+            label,
             proto.protocol,
             (time.monotonic() - started) * 1000,
         )
         return proto
 
     async def _open_once(
-        self, target: str, listener: ExecListener, timeout: float, budget: float
-    ) -> ExecStream:
+        self,
+        target: str,
+        make: Callable[[str], _S],
+        subprotocols: Sequence[str],
+        what: str,
+        timeout: float,
+        budget: float,
+    ) -> _S:
         loop = asyncio.get_running_loop()
         key = new_key()
         headers = await self._auth_headers()
-        request = build_request(self._host_header, target, key, headers)
+        request = build_request(self._host_header, target, key, headers, subprotocols)
         opened: list[asyncio.Transport] = []
 
-        async def connect() -> ExecStream:
+        async def connect() -> _S:
             transport, proto = await loop.create_connection(
-                lambda: ExecStream(listener, key, self._ping_interval),
+                lambda: make(key),
                 self._host,
                 self._port,
                 ssl=self._ssl,
@@ -652,7 +718,8 @@ class ExecConnector:
             for transport in opened:
                 transport.abort()
             raise CommandStartError(
-                f"exec did not start within {budget:.0f}s (API server {self._host}:{self._port})"
+                f"{what} did not start within {budget:.0f}s "
+                f"(API server {self._host}:{self._port})"
             ) from None
         except ssl.SSLError as exc:
             raise CommandStartError(f"TLS failure talking to the API server: {exc}") from exc

@@ -27,6 +27,7 @@ from .audit import Audit, ConnectionAudit
 from .config import Config
 from .errors import PodStartError
 from .execstream import ExecConnector
+from .forward import ForwardChannel
 from .lease import PodLease
 from .manifests import LABEL_SESSION_ID, build_pod, id_label_value, managed_selector
 from .pods import PodController, PodRef
@@ -218,6 +219,10 @@ class SSHConnectionHandler:
         self._session_leases: dict[str, PodLease] = {}
         self._sessions: set[KuberunSession] = set()
         self._next_session = 0
+        # Forwarding channels being opened or open, and those of them that are open.
+        self._forwards: set[ForwardChannel] = set()
+        self._open_forwards: set[ForwardChannel] = set()
+        self._next_forward = 0
         self._closing = False
 
     # -- Pods ---------------------------------------------------------------
@@ -309,6 +314,45 @@ class SSHConnectionHandler:
         if lease is not None:
             self.spawn(lease.release())
 
+    # -- forwarding channels ---------------------------------------------------
+
+    def new_forward(self, host: str, port: int) -> ForwardChannel:
+        """A forwarding channel to ``host``:``port`` being opened."""
+        self._next_forward += 1
+        channel = ForwardChannel(self, f"f{self._next_forward}", host, port)
+        self._forwards.add(channel)
+        return channel
+
+    def forward_ready(self, channel: ForwardChannel) -> bool:
+        """Whether a forward whose stream just opened may go on (the connection is open)."""
+        return not self._closing and channel in self._forwards
+
+    def forward_pending_done(self, channel: ForwardChannel) -> None:
+        """The open of ``channel`` is over; a failed one is forgotten."""
+        if channel.stream is None:
+            self._forwards.discard(channel)
+
+    def forward_opened(self, channel: ForwardChannel) -> None:
+        self._open_forwards.add(channel)
+        if self.metrics is not None:
+            self.metrics.forward_channels.inc()
+
+    def forward_closed(self, channel: ForwardChannel) -> None:
+        self._forwards.discard(channel)
+        if channel in self._open_forwards:
+            self._open_forwards.discard(channel)
+            if self.metrics is not None:
+                self.metrics.forward_channels.dec()
+
+    @property
+    def forward_count(self) -> int:
+        """Forwarding channels open or opening: activity in the connection's Pod."""
+        return len(self._forwards)
+
+    def count_forward_failure(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.forward_failures.labels(reason=reason).inc()
+
     def count_exec_failure(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.exec_failures.labels(reason=reason).inc()
@@ -317,9 +361,12 @@ class SSHConnectionHandler:
         return self.network.spawn(coro)
 
     def shutdown(self, message: str) -> None:
-        """End every session with ``message`` on its stderr (gateway shutdown)."""
+        """End every session with ``message`` on its stderr (gateway shutdown), and
+        every forwarding channel."""
         for session in list(self._sessions):
             session.shutdown(message)
+        for channel in list(self._forwards):
+            channel.close()
 
     def abandon(self) -> None:
         """The connection closes now: sessions still flushing output before their exit
@@ -331,6 +378,8 @@ class SSHConnectionHandler:
         """Delete every Pod of this connection (waits for the deletions); in user mode,
         give up this connection's share of the user's Pod instead."""
         self._closing = True
+        for channel in list(self._forwards):
+            channel.close()
         leases: list[PodLease | WorkspaceClaim] = list(self._session_leases.values())
         self._session_leases.clear()
         if self._lease is not None:

@@ -11,6 +11,7 @@ abandon it halfway.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from typing import Any
 
 from .audit import PodAudit
 from .errors import KubernetesAPIError, PodStartError, PodStartTimeout
-from .pods import PodController, PodRef, pod_progress
+from .pods import PodController, PodRef, pod_ips, pod_progress
 
 __all__ = ["PodLease"]
 
@@ -136,6 +137,7 @@ class PodLease:
             self._ref = PodRef(self._namespace, str(meta.get("name")), str(meta.get("uid") or ""))
             self._report(f"Pod {self._ref.name} created, {pod_progress(pod)}")
             pod = await self._controller.wait_ready(pod, deadline, self._report)
+            self._ref = dataclasses.replace(self._ref, ips=pod_ips(pod))
             self._report(f"Pod {self._ref.name} is ready")
         except asyncio.CancelledError:
             if self._audit is not None and self._ref is not None:

@@ -20,10 +20,19 @@ from prometheus_client.exposition import choose_encoder
 
 from .config import parse_listen
 
-__all__ = ["DIRECTIONS", "Metrics", "MetricsServer", "metrics_handler", "start_metrics_server"]
+__all__ = [
+    "DIRECTIONS",
+    "FORWARD_DIRECTIONS",
+    "Metrics",
+    "MetricsServer",
+    "metrics_handler",
+    "start_metrics_server",
+]
 
 #: Values of the ``direction`` label of ``kuberun_relayed_bytes_total``.
 DIRECTIONS = ("stdout", "stderr", "stdin")
+#: Values of the ``direction`` label of ``kuberun_forwarded_bytes_total``.
+FORWARD_DIRECTIONS = ("to_pod", "from_pod")
 
 # Pod start is dominated by scheduling and image pulls: seconds to minutes.
 _POD_START_BUCKETS = (0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 45, 60, 90, 120, 180, 300)
@@ -174,6 +183,31 @@ class Metrics:
             "kuberun_audit_write_errors",
             "Failed writes (and opens) of audit event files and recordings; events dropped "
             "because the writer was behind count here too.",
+            registry=r,
+        )
+        self.forward_channels = Gauge(
+            "kuberun_forward_channels",
+            "Forwarding channels (ssh -L, -D, -W) currently open to Pods.",
+            registry=r,
+        )
+        self.forwarded_bytes = Counter(
+            "kuberun_forwarded_bytes",
+            "Payload bytes relayed by forwarding channels, to_pod or from_pod.",
+            ["direction"],
+            registry=r,
+        )
+        for direction in FORWARD_DIRECTIONS:
+            self.forwarded_bytes.labels(direction=direction)
+        self.forward_failures = Counter(
+            "kuberun_forward_failures",
+            "Forwarding channels refused, failed to open or lost, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.forward_open_seconds = Histogram(
+            "kuberun_forward_open_seconds",
+            "Seconds to open a forwarding channel (Pod ready to channel confirmed).",
+            buckets=_EXEC_OPEN_BUCKETS,
             registry=r,
         )
 

@@ -70,6 +70,17 @@ class PodRef:
     namespace: str
     name: str
     uid: str
+    #: The Pod's IPs once it is ready (``status.podIPs``); forwards may name them.
+    ips: tuple[str, ...] = ()
+
+
+def pod_ips(pod: Mapping[str, Any]) -> tuple[str, ...]:
+    """``status.podIPs`` (or ``status.podIP``) of a Pod object, as strings."""
+    status = pod.get("status") or {}
+    ips = [entry.get("ip") for entry in status.get("podIPs") or [] if isinstance(entry, dict)]
+    if not ips and status.get("podIP"):
+        ips = [status.get("podIP")]
+    return tuple(str(ip) for ip in ips if ip)
 
 
 def _status_of(exc: BaseException) -> int | None:

@@ -41,6 +41,7 @@ from .channelhooks import (
     on_global_request,
 )
 from .config import Config
+from .forward import open_forward, refuse_listener, refuse_unix
 from .handler import NetworkHandler, SSHConnectionHandler, new
 from .session import KuberunSession
 from .workspace import WorkspaceManager
@@ -362,6 +363,28 @@ class SSHServer(asyncssh.SSHServer):
         _limit_env_requests(chan)
         on_channel_request(chan, EOW_REQUEST, session.eow_received)
         return chan, session
+
+    # -- forwarding: -L/-D/-W into the Pod; -R, Unix sockets refused ------------
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Any:
+        handler = self._conn_handler
+        if handler is None or self.gateway.closing:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "the gateway is not accepting channels"
+            )
+        assert self.conn is not None
+        return open_forward(self.conn, handler, dest_host, dest_port)
+
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        refuse_unix(self._conn_handler, dest_path)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        return refuse_listener(self._conn_handler, f"{listen_host} port {listen_port}")
+
+    def unix_server_requested(self, listen_path: str) -> Any:
+        return refuse_listener(self._conn_handler, f"Unix socket {listen_path!r}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._startup_done()

@@ -1,4 +1,5 @@
-"""The HTTP/1.1 WebSocket upgrade for Kubernetes exec: request builder and response parser.
+"""The HTTP/1.1 WebSocket upgrade for Kubernetes exec and port-forward: request builders
+and response parser.
 
 Pure functions, no I/O, so the parser can be fuzzed and unit-tested on its own.
 """
@@ -17,6 +18,7 @@ from .errors import CommandStartError
 
 __all__ = [
     "MAX_HEAD",
+    "PORTFORWARD_SUBPROTOCOLS",
     "SUBPROTOCOLS",
     "UpgradeResponse",
     "accept_key",
@@ -25,10 +27,14 @@ __all__ = [
     "exec_path",
     "new_key",
     "parse_response_head",
+    "portforward_path",
 ]
 
 #: Offered in one header, most capable first: v5 can deliver stdin EOF, v4 cannot.
 SUBPROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+
+#: Port-forward over WebSocket has one binary protocol (the kubelet takes no v5).
+PORTFORWARD_SUBPROTOCOLS = ("v4.channel.k8s.io",)
 
 #: Upper bound on the response head; a real API server sends a few hundred bytes.
 MAX_HEAD = 64 * 1024
@@ -99,8 +105,21 @@ def exec_path(
     )
 
 
+def portforward_path(prefix: str, namespace: str, pod: str, port: int) -> str:
+    """The request target of a port-forward to one port of a Pod."""
+    base = prefix.rstrip("/")
+    return (
+        f"{base}/api/v1/namespaces/{quote(namespace, safe='')}/pods/{quote(pod, safe='')}"
+        f"/portforward?ports={int(port)}"
+    )
+
+
 def build_request(
-    host_header: str, target: str, key: str, headers: Mapping[str, str] | None = None
+    host_header: str,
+    target: str,
+    key: str,
+    headers: Mapping[str, str] | None = None,
+    subprotocols: Sequence[str] = SUBPROTOCOLS,
 ) -> bytes:
     """The complete upgrade request. ``headers`` carries Authorization and the like."""
     lines = [
@@ -110,7 +129,7 @@ def build_request(
         "Connection: Upgrade",
         f"Sec-WebSocket-Key: {key}",
         "Sec-WebSocket-Version: 13",
-        f"Sec-WebSocket-Protocol: {', '.join(SUBPROTOCOLS)}",
+        f"Sec-WebSocket-Protocol: {', '.join(subprotocols)}",
         "User-Agent: kuberun",
     ]
     for name, value in (headers or {}).items():
@@ -153,8 +172,15 @@ def parse_response_head(head: bytes) -> UpgradeResponse:
     return UpgradeResponse(int(code), parts[2] if len(parts) > 2 else "", headers)
 
 
-def error_message(response: UpgradeResponse, body: bytes) -> str:
-    """A human message for a refused upgrade, from the ``metav1.Status`` body when there is one."""
+def error_message(
+    response: UpgradeResponse,
+    body: bytes,
+    what: str = "exec",
+    subprotocols: Sequence[str] = SUBPROTOCOLS,
+) -> str:
+    """A human message for a refused upgrade, from the ``metav1.Status`` body when there is one.
+
+    ``what`` names the request (``exec``, ``port forward``)."""
     text = ""
     if body:
         try:
@@ -167,9 +193,9 @@ def error_message(response: UpgradeResponse, body: bytes) -> str:
             text = body[:512].decode("utf-8", errors="replace").strip()
     if not text:
         if response.status == 403:
-            text = "the API server accepts none of the offered exec subprotocols " + ", ".join(
-                SUBPROTOCOLS
+            text = f"the API server accepts none of the offered {what} subprotocols " + ", ".join(
+                subprotocols
             )
         else:
             text = response.reason or "no details"
-    return f"exec refused by the API server ({response.status}): {text[:MAX_MESSAGE]}"
+    return f"{what} refused by the API server ({response.status}): {text[:MAX_MESSAGE]}"

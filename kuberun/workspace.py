@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -52,7 +53,7 @@ from .manifests import (
     dns_safe_username,
     label_selector,
 )
-from .pods import PodController, PodRef, json_body, pod_progress
+from .pods import PodController, PodRef, json_body, pod_ips, pod_progress
 from .replicas import MERGE_PATCH, ReplicaLease
 
 if TYPE_CHECKING:
@@ -447,7 +448,7 @@ class WorkspaceManager:
         if self.metrics is not None and ready.get("metadata", {}).get("uid") == ref.uid:
             self.metrics.pod_start_seconds.observe(time.monotonic() - started)
         ws.report(f"Pod {ref.name} is ready", self.logger)
-        return ref
+        return dataclasses.replace(ref, ips=pod_ips(ready))  # forwards may name its IPs
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -4,7 +4,8 @@
 # gcc builds the Cython relay; BusyBox sh is one of the shells the sh wrappers are tested with;
 # asciinema judges session recordings; sshd (openssh-server) is what
 # tests/integration/test_eow.py compares exit statuses with, on a port of its own (on a host
-# run by systemd, the package also enables its ssh service).
+# run by systemd, the package also enables its ssh service);
+# curl fetches through forwarded ports.
 set -euo pipefail
 
 missing=()
@@ -19,6 +20,7 @@ command -v busybox >/dev/null 2>&1 || missing+=(busybox)
 command -v asciinema >/dev/null 2>&1 || missing+=(asciinema)
 command -v script >/dev/null 2>&1 || missing+=(bsdutils)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 
 if [ ${#missing[@]} -eq 0 ]; then
     exit 0

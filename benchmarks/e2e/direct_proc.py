@@ -67,6 +67,13 @@ class DirectServer(asyncssh.SSHServer):
         assert self.conn is not None
         return self.conn.create_server_channel(encoding=None), DirectSession()
 
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> bool:
+        # ssh -L to a local port: asyncssh's own forwarder connects and relays (the
+        # reference for kuberun's port forwarding in benchmarks/e2e/forward.py).
+        return dest_host in ("localhost", "127.0.0.1")
+
 
 def _set_ctty() -> None:  # pragma: no cover - runs in the child
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)

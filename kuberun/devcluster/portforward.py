@@ -14,9 +14,10 @@ framing; ``v4.base64.channel.k8s.io`` for text frames):
 * Client messages on ``2i`` go to the connection as they are (no port prefix);
   empty messages, messages on error channels and on channels past the ports are
   ignored. There is no half-close.
-* A port ends when its connection closes (the Pod's server closed, or the client
-  closed the WebSocket: then the connection gets EOF and at most a second to
-  finish, as containerd gives it); once every port has ended the WebSocket is
+* A port ends when its connection closes (the Pod's server closed), and for all
+  ports when the client sends its Close: that is answered at once and nothing
+  more is sent, as the kubelet's wsstream does; each connection gets no EOF and is
+  closed a second later (containerd). Once every port has ended the WebSocket is
   closed (1000).
 """
 
@@ -114,6 +115,8 @@ class PortForwardHandler:
             return web.Response(status=403)
         if self.cluster.kubelet.worker_for(pod) is None:
             return _text(404, "pod does not exist")
+        # A client's Close ends the stream at once, as the kubelet's wsstream does
+        # (its handler returns and closes the connection).
         ws = await accept_websocket(request, protocol)
         uid = str(pod["metadata"].get("uid") or "")
         session = PortForwardSession(request, ws, protocol, ports, uid)
@@ -225,12 +228,10 @@ class PortForwardSession:
         output = asyncio.ensure_future(self._output(index, sock))
         client = asyncio.ensure_future(self.client_done.wait())
         try:
-            done, _ = await asyncio.wait({output, client}, return_when=asyncio.FIRST_COMPLETED)
-            if client in done:
-                # The client's side ended: the Pod's server gets EOF.
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_WR)
-            # Whichever direction ended first, the other gets at most LINGER more.
+            await asyncio.wait({output, client}, return_when=asyncio.FIRST_COMPLETED)
+            # Whichever direction ended first, the other gets at most LINGER more. The
+            # connection gets no EOF when the client's side ends (containerd's
+            # behaviour, seen on a node): it is closed after that second.
             await asyncio.wait({output, client}, timeout=LINGER)
         finally:
             output.cancel()

@@ -7,7 +7,7 @@ import asyncio
 import base64
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -46,6 +46,13 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 def header(channel: int, port: int) -> tuple[int, bytes]:
@@ -132,7 +139,8 @@ async def test_pod_side_close_delivers_everything_then_closes(
     ws.send(b"", opcode=0x8)  # Close: the connection gets EOF
     messages, _ = await ws.messages_until_close()
     assert messages == []
-    assert received == [b"abc"]
+    # The client's Close is answered at once; the connection is closed a second later.
+    await _until(lambda: received == [b"abc"])
     await ws.close()
 
 
@@ -153,7 +161,7 @@ async def test_base64_variant(
     ws.send(b"", opcode=0x8)
     messages, _ = await ws.messages_until_close()
     assert messages == []
-    assert received == [b"xyz"]
+    await _until(lambda: received == [b"xyz"])
     await ws.close()
 
 

@@ -129,15 +129,9 @@ class Gateway:
         extra_opts: Sequence[str] = (),
         timeout: float = 60,
     ) -> tuple[int, bytes, bytes]:
-        proc = await asyncio.create_subprocess_exec(
-            *self.ssh_args(*args, tty=tty, extra_opts=extra_opts),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        return await run_command(
+            *self.ssh_args(*args, tty=tty, extra_opts=extra_opts), stdin=stdin, timeout=timeout
         )
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-        assert proc.returncode is not None
-        return proc.returncode, out, err
 
     def asyncssh_connect(self, **kwargs: Any) -> Any:
         return asyncssh.connect(
@@ -152,6 +146,21 @@ class Gateway:
 
     async def wait_no_pods(self, timeout: float = 30) -> None:
         await wait_no_pods(self.cluster, timeout)
+
+
+async def run_command(
+    *argv: str, stdin: bytes = b"", timeout: float = 60
+) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with ``stdin``; its exit status, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
 
 
 async def wait_no_pods(cluster: TestCluster, timeout: float = 30) -> None:

@@ -14,13 +14,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import asyncssh
 import pytest
 
 from .chaos import Chaos, GatewayProcess, Options
 from .clusters import open_cluster
+from .test_forwarding import flood
 
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
 
@@ -155,3 +156,80 @@ async def test_uploads_into_pods_that_do_not_read(chaos: Chaos) -> None:
         print(f"fast uploads: +{sampler.growth / MiB:.1f} MiB for {SESSIONS} sessions")
         assert sampler.growth <= LIMIT
         assert [o.strip() for o in outputs] == [str(size).encode()] * SESSIONS
+
+
+async def _local_server(handler: Any) -> tuple[asyncio.AbstractServer, int]:
+    """A server on the host's loopback: a port of every devcluster Pod."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+@pytest.mark.devcluster_only  # servers on the host are Pod ports only there
+async def test_stalled_forward_readers(chaos: Chaos) -> None:
+    server, port = await _local_server(flood)
+    try:
+        async with chaos.connect() as conn:
+            streams = [await conn.open_connection("localhost", port) for _ in range(SESSIONS)]
+            assert chaos.gateway is not None
+            sampler = Sampler(chaos.gateway)
+            await sampler.run_for(STALL)  # nobody reads: the Pod side floods
+            print(f"stalled forwards: +{sampler.growth / MiB:.1f} MiB for {SESSIONS} forwards")
+            assert sampler.growth <= LIMIT
+
+            async def drain(reader: asyncssh.SSHReader[bytes]) -> int:
+                got = 0
+                while got < 32 * MiB:
+                    chunk = await reader.read(min(MiB, 32 * MiB - got))
+                    assert chunk and chunk.count(0) == len(chunk)
+                    got += len(chunk)
+                return got
+
+            counts = await asyncio.gather(*(drain(r) for r, _ in streams))
+            assert counts == [32 * MiB] * SESSIONS
+            for _, writer in streams:
+                writer.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.devcluster_only  # servers on the host are Pod ports only there
+async def test_forward_uploads_into_a_server_that_does_not_read(chaos: Chaos) -> None:
+    size = 128 * MiB
+
+    async def late_counter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+        total = 0
+        while total < size:
+            total += len(await reader.read(MiB))
+        writer.write(str(total).encode())
+        await writer.drain()
+        writer.close()
+
+    server, port = await _local_server(late_counter)
+    try:
+        async with chaos.connect() as conn:
+            assert chaos.gateway is not None
+            sampler = Sampler(chaos.gateway)
+
+            async def upload() -> bytes:
+                reader, writer = await conn.open_connection("localhost", port)
+                chunk = bytes(MiB)
+                for _ in range(size // MiB):
+                    writer.write(chunk)
+                    await writer.drain()
+                # The answer comes after the client's EOF, and then the server closes.
+                writer.write_eof()
+                return cast(bytes, await reader.read())
+
+            async def sample_until(done: asyncio.Future[list[bytes]]) -> None:
+                while not done.done():
+                    await sampler.run_for(0.5)
+
+            uploads = asyncio.gather(*(upload() for _ in range(SESSIONS)))
+            await sample_until(uploads)
+            outputs = await uploads
+            print(f"forward uploads: +{sampler.growth / MiB:.1f} MiB for {SESSIONS} forwards")
+            assert sampler.growth <= LIMIT
+            assert outputs == [str(size).encode()] * SESSIONS
+    finally:
+        server.close()

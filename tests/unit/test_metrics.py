@@ -39,6 +39,10 @@ EXPECTED = {
     "kuberun_replicas_alive": "gauge",
     "kuberun_lease_renew_failures": "counter",
     "kuberun_claims_lost": "counter",
+    "kuberun_forward_channels": "gauge",
+    "kuberun_forwarded_bytes": "counter",
+    "kuberun_forward_failures": "counter",
+    "kuberun_forward_open_seconds": "histogram",
 }
 
 
