@@ -568,6 +568,7 @@ NEEDED = {
     USERS_NS: {
         "pods": {"create", "get", "list", "watch", "patch", "delete"},
         "pods/exec": {"create", "get"},
+        "pods/portforward": {"create", "get"},
         "leases.coordination.k8s.io": {
             "create",
             "get",
@@ -604,6 +605,8 @@ def test_service_account_can_do_exactly_what_it_needs(deployed: Deployed) -> Non
     # And by single questions, as an operator would ask them.
     for verb, resource, namespace, allowed in [
         ("create", "pods/exec", USERS_NS, True),
+        ("create", "pods/portforward", USERS_NS, True),
+        ("create", "pods/portforward", GATEWAY_NS, False),
         ("delete", "pods", USERS_NS, True),
         ("get", "pods", GATEWAY_NS, True),
         ("delete", "pods", GATEWAY_NS, False),
