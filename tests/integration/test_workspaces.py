@@ -275,3 +275,27 @@ async def test_a_replica_that_cannot_renew_its_lease_gives_up_its_sessions_first
     # Renewed again: the user is served again.
     async with gateway.asyncssh_connect() as conn:
         assert (await conn.run("echo back", input="")).stdout == "back\n"
+
+
+@pytest.mark.devcluster_only  # a server on the host is a port of the Pod only there
+@pytest.mark.parametrize("gateway_overrides", [USER_MODE])
+async def test_port_forwarding_reaches_the_users_pod(gateway: Gateway) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readexactly(5))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with gateway.asyncssh_connect() as first, gateway.asyncssh_connect() as second:
+            host, _ = await _whoami(first)
+            # The forward of the second connection goes to the Pod both share, by its name.
+            reader, writer = await second.open_connection(host, port)
+            writer.write(b"hello")
+            assert await reader.readexactly(5) == b"hello"
+            writer.close()
+            assert len(await _user_pods(gateway)) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
