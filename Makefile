@@ -22,7 +22,7 @@ build: venv
 	$(PY) setup.py -q build_ext --inplace
 
 lint: build
-	$(VENV)/bin/ruff check kuberun tests benchmarks fuzz
+	$(VENV)/bin/ruff check kuberun tests benchmarks fuzz examples
 	$(VENV)/bin/mypy
 
 # Everything that must pass: lint, types, the whole test suite with the Cython relay

@@ -71,13 +71,13 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 async def _serve(config: Config) -> int:
     from .gateway import GatewayRunner
     from .janitor import Janitor, gateway_pod
+    from .leftovers import gateway_id
 
     api_client = await make_api_client(config.kubernetes)
     try:
-        janitor = Janitor(config, api_client, gateway_pod(), _gateway_name())
-        runner = GatewayRunner(
-            janitor.config, api_client, owner=janitor.owner, name=_gateway_name()
-        )
+        name = gateway_id(config)
+        janitor = Janitor(config, api_client, gateway_pod(), name)
+        runner = GatewayRunner(janitor.config, api_client, owner=janitor.owner, name=name)
         await janitor.start()
         try:
             await runner.run()
@@ -86,10 +86,6 @@ async def _serve(config: Config) -> int:
     finally:
         await api_client.close()
     return 0
-
-
-def _gateway_name() -> str | None:
-    return os.environ.get("KUBERUN_GATEWAY_NAME") or os.environ.get("KUBERUN_POD_NAME")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -114,14 +110,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def _check(config: Config) -> int:
     from .manifests import build_pod
+    from .preflight import check_serving
 
-    if config.audit.directory is not None:
-        from .audit import check_directory
-
-        problem = check_directory(config.audit.directory)
-        if problem is not None:
-            print(f"kuberun: audit.directory: {problem}", file=sys.stderr)
-            return 2
+    for warning in check_serving(config):
+        print(f"kuberun: warning: {warning}", file=sys.stderr)
 
     api_client = await make_api_client(config.kubernetes)
     try:
@@ -183,12 +175,13 @@ async def _demo(args: argparse.Namespace) -> int:
         kubeconfig = Path(args.kubeconfig) if args.kubeconfig else state / "kubeconfig"
         cluster.write_kubeconfig(str(kubeconfig))
         sftp = "/usr/lib/openssh/sftp-server"
+        keys = Path.home() / ".ssh" / "authorized_keys"
         config = config_from_dict(
             {
                 "ssh": {
                     "listen": args.listen,
                     "host_keys": [str(state / "ssh_host_ed25519_key")],
-                    "authorized_keys": str(Path.home() / ".ssh" / "authorized_keys"),
+                    "authorized_keys": str(keys) if keys.exists() else None,
                     "accept_env": ["LANG", "LC_*"],
                 },
                 "kubernetes": {"kubeconfig": str(kubeconfig), "context": "devcluster"},

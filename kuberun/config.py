@@ -92,6 +92,7 @@ _HOSTNAME = re.compile(
     r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
 _PORT = re.compile(r"[0-9]{1,5}")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 
 # --------------------------------------------------------------------------
@@ -308,6 +309,8 @@ class KubernetesConfig:
     ``~/.kube/config``.  ``verify_tls: false`` turns off verification of the
     API server's certificate (logged as a warning at every start).
     ``ping_interval`` is the seconds between WebSocket pings on exec streams.
+    ``gateway_id`` names this gateway instance in the ``kuberun.io/gateway``
+    label of its Pods (None: derived, see :func:`kuberun.leftovers.gateway_id`).
     """
 
     kubeconfig: str | None = None
@@ -315,6 +318,7 @@ class KubernetesConfig:
     namespace: str = "default"
     verify_tls: bool = True
     ping_interval: float = 30.0
+    gateway_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.kubeconfig is not None and not self.kubeconfig:
@@ -328,6 +332,14 @@ class KubernetesConfig:
                 "digits and '-', at most 63 characters)",
             )
         _check_seconds("kubernetes.ping_interval", self.ping_interval)
+        if self.gateway_id is not None and (
+            not _LABEL_VALUE.fullmatch(self.gateway_id) or len(self.gateway_id) > 63
+        ):
+            raise ConfigError(
+                "kubernetes.gateway_id",
+                f"{self.gateway_id!r} is not a valid label value (1 to 63 letters, digits, "
+                "'-', '_' or '.', beginning and ending with a letter or digit)",
+            )
 
 
 def _default_metadata() -> dict[str, Any]:
@@ -356,7 +368,7 @@ class PodConfig:
     replica that died keep a Pod, see :mod:`kuberun.workspace`).  ``subsystems``
     maps an SSH subsystem name to an argv.  ``signals`` enables SSH signal
     delivery, which records each program's PID in a file under ``pid_dir``
-    inside the Pod.
+    inside the Pod (None: the container's ``$TMPDIR``, else ``/tmp``).
     """
 
     mode: Literal["connection", "session", "user"] = "connection"
@@ -367,7 +379,7 @@ class PodConfig:
     shell_command: tuple[str, ...] = ("/bin/sh",)
     subsystems: Mapping[str, tuple[str, ...]] = field(default_factory=_default_subsystems)
     signals: bool = True
-    pid_dir: str = "/tmp"
+    pid_dir: str | None = None
     idle_timeout: float = 1800
     lease_duration: float = 15
 
@@ -394,9 +406,11 @@ class PodConfig:
             if not isinstance(name, str) or not name or "\0" in name:
                 raise ConfigError("pod.subsystems", f"invalid subsystem name {name!r}")
             _check_argv(f"pod.subsystems.{name}", argv)
-        if not isinstance(self.pid_dir, str) or not self.pid_dir.startswith("/"):
+        if self.pid_dir is None:
+            pass
+        elif not isinstance(self.pid_dir, str) or not self.pid_dir.startswith("/"):
             raise ConfigError("pod.pid_dir", f"expected an absolute path, got {self.pid_dir!r}")
-        if "\0" in self.pid_dir:
+        elif "\0" in self.pid_dir:
             raise ConfigError("pod.pid_dir", "must not contain a NUL character")
 
     def console(self) -> dict[str, Any]:
@@ -587,6 +601,7 @@ def _read_kubernetes(sec: Section) -> KubernetesConfig:
         namespace=sec.string("namespace", KubernetesConfig.namespace),
         verify_tls=sec.boolean("verify_tls", KubernetesConfig.verify_tls),
         ping_interval=sec.number("ping_interval", KubernetesConfig.ping_interval),
+        gateway_id=sec.optional_string("gateway_id", None),
     )
 
 
@@ -606,7 +621,7 @@ def _read_pod(sec: Section) -> PodConfig:
         shell_command=sec.strings("shell_command", PodConfig.shell_command),
         subsystems=subsystems,
         signals=sec.boolean("signals", PodConfig.signals),
-        pid_dir=sec.string("pid_dir", PodConfig.pid_dir),
+        pid_dir=sec.optional_string("pid_dir", None),
         idle_timeout=sec.number("idle_timeout", PodConfig.idle_timeout),
         lease_duration=sec.number("lease_duration", PodConfig.lease_duration),
     )

@@ -7,6 +7,8 @@ connection, so the mapping to the wire lives next to the error itself.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 __all__ = [
     "EXIT_EXEC_ERROR",
     "EXIT_EXEC_FAILED",
@@ -23,12 +25,29 @@ __all__ = [
     "KuberunError",
     "PodStartError",
     "PodStartTimeout",
+    "client_message",
     "exit_status_for",
 ]
 
 
+_E = TypeVar("_E", bound="KuberunError")
+
+
 class KuberunError(Exception):
-    """Root of every error kuberun raises on purpose."""
+    """Root of every error kuberun raises on purpose.
+
+    The message (``str(exc)``) is for the log and may name internal addresses
+    or the failure's exception type. ``client_message``, when set (with
+    :meth:`told`), is what an SSH client is told instead; see
+    :func:`client_message`.
+    """
+
+    client_message: str | None = None
+
+    def told(self: _E, text: str) -> _E:
+        """Set what the SSH client is told about this error; returns the error."""
+        self.client_message = text
+        return self
 
 
 class ConfigError(KuberunError, ValueError):
@@ -70,7 +89,10 @@ class PodStartError(KuberunError):
 
 
 class PodStartTimeout(PodStartError, TimeoutError):
-    """The Pod did not become ready within ``timeouts.pod_start``."""
+    """The Pod did not become ready within ``timeouts.pod_start`` (or an API call ran
+    out of time: ``last`` is then its last failure)."""
+
+    last: KubernetesAPIError | None = None
 
 
 class CommandStartError(KuberunError):
@@ -147,6 +169,14 @@ EXIT_STREAM_LOST = 252
 EXIT_EXEC_ERROR = 253
 #: The gateway is shutting down.
 EXIT_SHUTDOWN = 254
+
+
+def client_message(exc: BaseException) -> str:
+    """What an SSH client is told about ``exc``: never an internal address or an
+    exception name (those go to the log)."""
+    if isinstance(exc, KuberunError):
+        return exc.client_message or str(exc)
+    return "internal error (see the gateway log)"
 
 
 def exit_status_for(exc: BaseException) -> int:

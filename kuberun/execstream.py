@@ -196,7 +196,8 @@ class ExecStream(asyncio.BufferedProtocol):
             except ExecProtocolError as exc:
                 self._fail(exc)
             except Exception as exc:  # the SSH side went away mid-write, or a bug
-                self._fail(ExecStreamLost(f"relay stopped: {exc!r}"))
+                lost = ExecStreamLost(f"relay stopped: {exc!r}")
+                self._fail(lost.told("exec stream lost"))
             return
         if self._response_body is not None:
             self._collect_body(nbytes)
@@ -231,7 +232,7 @@ class ExecStream(asyncio.BufferedProtocol):
                     CommandStartError(
                         f"API server closed the connection during the upgrade: {exc}",
                         transient=True,
-                    )
+                    ).told("the cluster closed the connection while the command was starting")
                 )
             return
         if self._decoder is None:
@@ -243,7 +244,8 @@ class ExecStream(asyncio.BufferedProtocol):
         else:
             self._release_held()
             detail = f": {exc}" if exc else ""
-            self._finish(ExecResult(None, ExecStreamLost(f"exec stream lost{detail}")))
+            lost = ExecStreamLost(f"exec stream lost{detail}").told("exec stream lost")
+            self._finish(ExecResult(None, lost))
 
     def _drain_tls(self) -> None:
         """Parse what the TLS layer decrypted, or still holds, but never handed over.
@@ -718,13 +720,21 @@ class ExecConnector:
             for transport in opened:
                 transport.abort()
             raise CommandStartError(
-                f"{what} did not start within {budget:.0f}s "
-                f"(API server {self._host}:{self._port})"
-            ) from None
+                f"{what} did not start within {budget:.0f}s (API server {self._host}:{self._port})"
+            ).told(f"the command did not start within {budget:.0f}s") from None
         except ssl.SSLError as exc:
-            raise CommandStartError(f"TLS failure talking to the API server: {exc}") from exc
+            told = (
+                "the cluster's TLS certificate could not be verified"
+                if isinstance(exc, ssl.SSLCertVerificationError)
+                else "TLS failure talking to the cluster"
+            )
+            raise CommandStartError(f"TLS failure talking to the API server: {exc}").told(
+                told
+            ) from exc
         except OSError as exc:
-            raise CommandStartError(f"cannot reach the API server: {exc}", transient=True) from exc
+            raise CommandStartError(f"cannot reach the API server: {exc}", transient=True).told(
+                "cannot connect to the cluster"
+            ) from exc
         except BaseException:
             for transport in opened:
                 transport.abort()

@@ -19,7 +19,9 @@ import asyncssh
 from kubernetes_asyncio import client as k8s
 
 from .config import Config
+from .leftovers import JANITOR_INTERVAL
 from .metrics import Metrics, start_metrics_server
+from .preflight import check_host_key, check_serving
 from .server import Gateway, SSHServer, server_options
 
 __all__ = ["AuthorizedKeysServer", "GatewayRunner", "load_host_keys"]
@@ -31,18 +33,22 @@ _SAFE_USERNAME = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._@-]{0,127}")
 
 
 def load_host_keys(paths: tuple[str, ...] | list[str]) -> list[asyncssh.SSHKey]:
-    """Read the host keys, generating (and keeping) an ed25519 key for each missing path."""
+    """Read the host keys, generating (and keeping) an ed25519 key for each missing path.
+
+    :raises ConfigError: naming ``ssh.host_keys[i]`` for a public key, a file that is
+        not a key, or a missing key whose directory does not exist (never created)
+    """
     keys = []
-    for path in paths:
-        p = Path(path).expanduser()
-        if not p.exists():
-            p.parent.mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(paths):
+        key = check_host_key(f"ssh.host_keys[{i}]", path)
+        if key is None:
+            p = Path(path).expanduser()
             key = asyncssh.generate_private_key("ssh-ed25519")
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(key.export_private_key())
             _log.info("generated host key %s", p)
-        keys.append(asyncssh.read_private_key(str(p)))
+        keys.append(key)
     return keys
 
 
@@ -86,7 +92,9 @@ class AuthorizedKeysServer(SSHServer):
         for path in self._key_files(username):
             try:
                 text = path.read_text()
-            except OSError:
+            except OSError as exc:
+                # As sshd: a user without a file has no keys (debug, not silence).
+                _log.debug("no authorized_keys for %r: %s", username, exc)
                 continue
             try:
                 loaded = asyncssh.import_authorized_keys(text)
@@ -128,8 +136,10 @@ class GatewayRunner:
         owner: dict[str, str] | None = None,
         name: str | None = None,
         audit: Any = None,
+        janitor_interval: float = JANITOR_INTERVAL,
     ) -> None:
         self.config = config
+        self._janitor_interval = janitor_interval
         self.metrics = Metrics()
         self.gateway = Gateway(
             config, api_client, metrics=self.metrics, owner=owner, name=name, audit=audit
@@ -152,7 +162,14 @@ class GatewayRunner:
     async def start(self) -> None:
         """Listen for SSH (and metrics). Returns once both accept connections."""
         host, port = self.config.ssh.listen_address
+        # The checks `kuberun check` runs: a bad host key or listen host stops here,
+        # naming its key; a missing authorized_keys file is worth a warning.
+        for warning in check_serving(self.config):
+            _log.warning("%s", warning)
         keys = load_host_keys(self.config.ssh.host_keys)
+        # The janitor's first round: Pods an earlier run left; says so if the API
+        # server cannot be reached (a warning: the cluster may come up later).
+        await self.gateway.start(self._janitor_interval)
         self._acceptor = await asyncssh.create_server(
             self._new_server,
             host,
@@ -184,13 +201,11 @@ class GatewayRunner:
         await self._stopped.wait()
 
     async def close(self) -> None:
-        """Stop accepting, tell open sessions, delete every Pod within ``timeouts.pod_stop``."""
+        """Stop accepting, tell open sessions, delete every Pod within ``timeouts.pod_stop``
+        (what is left then is logged by name)."""
         if self._acceptor is not None:
             self._acceptor.close()
-        try:
-            await asyncio.wait_for(self.gateway.drain(), self.config.timeouts.pod_stop + 5)
-        except asyncio.TimeoutError:
-            _log.error("some Pods could not be deleted within timeouts.pod_stop")
+        await self.gateway.drain()
         if self._acceptor is not None:
             await self._acceptor.wait_closed()
         await self.gateway.audit.close()

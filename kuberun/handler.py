@@ -29,8 +29,10 @@ from .errors import PodStartError
 from .execstream import ExecConnector
 from .forward import ForwardChannel
 from .lease import PodLease
+from .leftovers import gateway_id
 from .manifests import LABEL_SESSION_ID, build_pod, id_label_value, managed_selector
 from .pods import PodController, PodRef
+from .reaper import Reaper
 from .session import KuberunSession
 from .workspace import WorkspaceClaim, WorkspaceManager
 
@@ -51,6 +53,19 @@ def _connector_for(client: k8s.ApiClient, ping_interval: float) -> ExecConnector
     return connector
 
 
+_reapers: weakref.WeakKeyDictionary[Any, Reaper] = weakref.WeakKeyDictionary()
+
+
+def _reaper_for(client: k8s.ApiClient, config: Config, logger: Any, metrics: Any) -> Reaper:
+    """The to-delete list of Pods made through ``client`` when no gateway supplies one."""
+    reaper = _reapers.get(client)
+    if reaper is None:
+        controller = PodController(client, logger=logger)
+        reaper = Reaper(controller, attempt_timeout=config.timeouts.pod_stop, metrics=metrics)
+        _reapers[client] = reaper
+    return reaper
+
+
 def new(
     client: k8s.ApiClient,
     connection_id: str,
@@ -66,6 +81,7 @@ def new(
     track: Callable[[asyncio.Task[Any]], None] | None = None,
     audit: ConnectionAudit | None = None,
     workspaces: WorkspaceManager | None = None,
+    reaper: Reaper | None = None,
 ) -> NetworkHandler:
     """Create the handler for one SSH connection.
 
@@ -81,7 +97,8 @@ def new(
     :param backend_failures_counter: incremented on every failed API call
     :param metrics: optional :class:`~kuberun.metrics.Metrics` for the rest
     :param client_address: recorded in a Pod annotation
-    :param gateway: gateway instance name, recorded in the ``kuberun.io/gateway`` label
+    :param gateway: gateway instance id, recorded in the ``kuberun.io/gateway``
+        label (default: :func:`kuberun.leftovers.gateway_id` of ``config``)
     :param owner: ``ownerReference`` fields (apiVersion, kind, name, uid) for the Pod
     :param track: receives background tasks (Pod deletions, signal execs) so
         the caller can wait for them on shutdown
@@ -89,6 +106,8 @@ def new(
         (from :meth:`kuberun.audit.Audit.connection`); None records nothing
     :param workspaces: the gateway's :class:`~kuberun.workspace.WorkspaceManager`,
         required in user mode (``pod.mode: user``); one per gateway process
+    :param reaper: the to-delete list Pods are owed to (a :class:`Gateway`
+        passes its own); by default one shared by every handler of ``client``
     """
     if config.pod.mode == "user" and workspaces is None:
         raise ValueError("pod.mode 'user' needs the gateway's WorkspaceManager (workspaces=)")
@@ -102,6 +121,8 @@ def new(
         failures_counter=backend_failures_counter,
     )
     connector = _connector_for(client, config.kubernetes.ping_interval)
+    if reaper is None:
+        reaper = _reaper_for(client, config, logger, metrics)
     return NetworkHandler(
         controller,
         connector,
@@ -115,6 +136,7 @@ def new(
         track=track,
         audit=audit,
         workspaces=workspaces,
+        reaper=reaper,
     )
 
 
@@ -136,6 +158,7 @@ class NetworkHandler:
         track: Callable[[asyncio.Task[Any]], None] | None = None,
         audit: ConnectionAudit | None = None,
         workspaces: WorkspaceManager | None = None,
+        reaper: Reaper | None = None,
     ) -> None:
         self.controller = controller
         self.connector = connector
@@ -144,8 +167,13 @@ class NetworkHandler:
         self.logger = logger
         self.metrics = metrics
         self.client_address = client_address
-        self.gateway = gateway
+        self.gateway = gateway or gateway_id(config)
         self.owner = owner
+        self.reaper = (
+            reaper
+            if reaper is not None
+            else Reaper(controller, attempt_timeout=config.timeouts.pod_stop)
+        )
         self._track = track
         self.audit = audit if audit is not None else _NO_AUDIT.connection(connection_id)
         self.workspaces = workspaces
@@ -196,6 +224,7 @@ class NetworkHandler:
             selector,
             start_timeout=self.config.timeouts.pod_start,
             stop_timeout=self.config.timeouts.pod_stop,
+            reaper=self.reaper,
             logger=self.logger,
             metrics=self.metrics,
             track=self._track,

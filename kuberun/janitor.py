@@ -144,7 +144,10 @@ class Janitor:
             "user Pods run in namespace %r, the gateway in %r: they carry the annotation %s "
             "instead of an ownerReference (which cannot cross namespaces), and every gateway "
             "deletes those of vanished gateways every %.0f s",
-            self._namespace, self._pod.namespace, ANNOTATION_GATEWAY_POD, SWEEP_INTERVAL,
+            self._namespace,
+            self._pod.namespace,
+            ANNOTATION_GATEWAY_POD,
+            SWEEP_INTERVAL,
         )
         try:
             await self._controller.get(
@@ -156,7 +159,8 @@ class Janitor:
                     "the janitor may not read Pods in namespace %r (%s), so it cannot tell "
                     "which gateways are gone: the Pods of a gateway killed without SIGTERM "
                     "will stay. Grant 'get' on pods there (deploy/rbac.yaml: kuberun-janitor)",
-                    self._pod.namespace, exc,
+                    self._pod.namespace,
+                    exc,
                 )
                 return
             _log.warning("janitor: reading this gateway's own Pod failed: %s", exc)
@@ -195,8 +199,9 @@ class Janitor:
         owners: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for pod in await self._list(managed_selector()):
             annotations = pod.get("metadata", {}).get("annotations") or {}
-            where, uid = annotations.get(ANNOTATION_GATEWAY_POD), annotations.get(
-                ANNOTATION_GATEWAY_POD_UID
+            where, uid = (
+                annotations.get(ANNOTATION_GATEWAY_POD),
+                annotations.get(ANNOTATION_GATEWAY_POD_UID),
             )
             if where and uid and not is_workspace(pod):
                 owners.setdefault((where, uid), []).append(pod)

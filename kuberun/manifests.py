@@ -321,8 +321,9 @@ def build_pod(
 
 # $0 is "kuberun"; $1 the PID file or ""; then NAME=value words; then "--";
 # then the program's argv.  The script keeps no variables of its own (only
-# functions and positional parameters), so an exported name (even "n", "p" or
-# "IFS") cannot change what it does next; "--" cannot be an env word, which
+# functions and positional parameters; "p" is set before the first export and
+# never read after it), so an exported name (even "n", "p" or "IFS") cannot
+# change what it does next; "--" cannot be an env word, which
 # always holds "=".  `export "$1"` hands the word to the builtin after
 # expansion, so the value is taken literally, never re-read as shell code.
 #
@@ -341,15 +342,18 @@ def build_pod(
 # The PID file is written before `exec` (after `&` for a job); failing to
 # write it is not fatal (signal delivery then fails on its own; the session
 # still works).  POSIX kill wants "--" before a negative PID, which BusyBox's
-# kill refuses; the XSI `kill -SIG -PID` form works in all of them.
+# kill refuses; the XSI `kill -SIG -PID` form works in all of them.  A
+# relative PID file is in the container's $TMPDIR, else /tmp.
 _WRAPPER = (
     'run() { while [ "$1" != -- ]; do export "$1"; shift; done; shift; exec "$@"; }; '
     'job() { shift; run "$@"; }; '
+    "main() { "
     'if [ -z "$1" ]; then shift; run "$@"; fi; '
     'if kill -0 "-$$" 2>/dev/null; then { echo "-$$" > "$1"; } 2>/dev/null; shift; run "$@"; fi; '
     "if [ ! -t 0 ] && [ ! -t 1 ] && [ ! -t 2 ]; then set -m 2>/dev/null; fi; "
     'case $- in *m*) ;; *) { echo "$$" > "$1"; } 2>/dev/null; shift; run "$@";; esac; '
-    'job "$@" & { echo "-$!" > "$1"; } 2>/dev/null; wait "$!"'
+    'job "$@" & { echo "-$!" > "$1"; } 2>/dev/null; wait "$!"; }; '
+    'case $1 in ""|/*) main "$@";; *) p="${TMPDIR:-/tmp}/$1"; shift; main "$p" "$@";; esac'
 )
 
 # $1 the signal name (checked against SIGNAL_NAMES first), $2 the PID file.
@@ -358,7 +362,8 @@ _WRAPPER = (
 # zero and never 1: "-1", "0" or "1" in a tampered file would otherwise
 # signal every process or the idle command's group.
 _KILLER = (
-    'read -r pid < "$2" || exit 1; '
+    'case $2 in /*) read -r pid < "$2";; *) read -r pid < "${TMPDIR:-/tmp}/$2";; esac '
+    "|| exit 1; "
     'case $pid in ""|-|*[!0-9-]*|?*-*|0*|-0*|1|-1) exit 1;; esac; '
     'kill -"$1" "$pid"'
 )
@@ -436,14 +441,18 @@ def _file_part(value: str) -> str:
     return f"{cleaned}-{digest}" if cleaned else digest
 
 
-def pid_file_path(pid_dir: str, connection_id: str, channel_id: str) -> str:
+def pid_file_path(pid_dir: str | None, connection_id: str, channel_id: str) -> str:
     """Where the wrapper records the PID of one channel's program inside the Pod.
 
     The identifiers are reduced to file-name-safe characters (with a hash
-    when that changes them), so they cannot escape ``pid_dir``.
+    when that changes them), so they cannot escape ``pid_dir``. With
+    ``pid_dir`` None the path is relative: the wrapper and :func:`kill_argv`
+    put it in the container's ``$TMPDIR``, else ``/tmp``.
     """
-    directory = pid_dir.rstrip("/") or ""
-    return f"{directory}/kuberun-{_file_part(connection_id)}-{_file_part(channel_id)}.pid"
+    name = f"kuberun-{_file_part(connection_id)}-{_file_part(channel_id)}.pid"
+    if pid_dir is None:
+        return name
+    return f"{pid_dir.rstrip('/')}/{name}"
 
 
 def kill_argv(signal_name: str, pid_file: str) -> list[str]:

@@ -96,6 +96,12 @@ class Metrics:
         )
         self.pods_created = Counter("kuberun_pods_created", "Pods created by kuberun.", registry=r)
         self.pods_deleted = Counter("kuberun_pods_deleted", "Pods deleted by kuberun.", registry=r)
+        self.pods_pending_deletion = Gauge(
+            "kuberun_pods_pending_deletion",
+            "Pods kuberun owes a deletion: not yet accepted by the API server (retried "
+            "with backoff for as long as the gateway runs).",
+            registry=r,
+        )
         self.pod_start_failures = Counter(
             "kuberun_pod_start_failures",
             "Pods that did not become ready, by reason (ErrImagePull, Timeout, ...).",

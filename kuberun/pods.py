@@ -26,7 +26,13 @@ from typing import Any, TypeVar, cast
 import aiohttp
 from kubernetes_asyncio import client as k8s
 
-from .errors import KubernetesAPIError, PodStartError, PodStartTimeout
+from .errors import (
+    KubernetesAPIError,
+    KuberunError,
+    PodStartError,
+    PodStartTimeout,
+    client_message,
+)
 
 __all__ = [
     "FATAL_WAITING_REASONS",
@@ -129,7 +135,21 @@ def api_error(exc: BaseException) -> KubernetesAPIError:
             except (ValueError, TypeError):
                 message = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
         return KubernetesAPIError(status, reason, message.strip() or reason)
-    return KubernetesAPIError(status, type(exc).__name__, str(exc) or type(exc).__name__)
+    error = KubernetesAPIError(status, type(exc).__name__, str(exc) or type(exc).__name__)
+    return error.told(_transport_problem(exc))
+
+
+def _transport_problem(exc: BaseException) -> str:
+    """A failure to talk to the API server, as an SSH client may be told it."""
+    if isinstance(exc, (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError)):
+        return "the cluster's TLS certificate could not be verified"
+    if isinstance(exc, (ssl.SSLError, aiohttp.ClientSSLError)):
+        return "TLS failure talking to the cluster"
+    if isinstance(exc, (aiohttp.ClientConnectorError, ConnectionRefusedError)):
+        return "cannot connect to the cluster"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "the cluster did not answer"
+    return "lost the connection to the cluster"
 
 
 def pod_is_ready(pod: Mapping[str, Any]) -> bool:
@@ -245,12 +265,17 @@ class PodController:
         func: Callable[[], Awaitable[_T]],
         *,
         ambiguous: Callable[[], Awaitable[_T | None]] | None = None,
+        on_retry: Callable[[KubernetesAPIError], None] | None = None,
     ) -> _T:
         """Run one API call with retries until ``deadline`` (``time.monotonic``).
 
         ``ambiguous`` is consulted before retrying after a failure that may
         have been applied server-side (5xx or a lost connection): if it finds
-        the result, it is returned instead of repeating the call.
+        the result, it is returned instead of repeating the call. ``on_retry``
+        hears every failure that is retried (progress for a waiting user).
+
+        :raises PodStartTimeout: out of time; its ``last`` is the last failure
+        :raises KubernetesAPIError: a failure that is not worth retrying
         """
         attempt = 0
         last: KubernetesAPIError | None = None
@@ -279,19 +304,33 @@ class PodController:
                         if not isinstance(exc, asyncio.TimeoutError):
                             last = api_error(exc)
                         why = f" (last error: {last})" if last is not None else ""
-                        raise PodStartTimeout(f"{what}: timed out{why}", "Timeout") from exc
+                        timeout = PodStartTimeout(f"{what}: timed out{why}", "Timeout")
+                        timeout.last = last
+                        told = client_message(last) if last is not None else "no answer"
+                        raise timeout.told(f"{what}: timed out ({told})") from exc
                     raise api_error(exc) from exc
                 if isinstance(exc, asyncio.TimeoutError):
                     last = KubernetesAPIError(0, "Timeout", f"no answer in {per_attempt:.1f}s")
+                    last.told("the cluster did not answer")
                 else:
                     last = api_error(exc)
+                if on_retry is not None:
+                    on_retry(last)
                 delay = min(self._backoff_max, self._backoff_base * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)
                 hinted = _retry_after(exc)
                 if hinted is not None:
                     delay = max(delay, hinted)
                 delay = min(delay, max(0.0, deadline - time.monotonic()))
-                self._logger.warning("%s failed (%s), retrying in %.2fs", what, last, delay)
+                # The first failure of a call is worth a line; the rest, until it
+                # succeeds or runs out of time (which the caller reports), are not.
+                self._logger.log(
+                    logging.WARNING if attempt == 1 and delay > 0 else logging.DEBUG,
+                    "%s failed (%s), retrying in %.2fs",
+                    what,
+                    last,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 status = _status_of(exc)
                 if ambiguous is not None and (status is None or status >= 500):
@@ -312,29 +351,56 @@ class PodController:
         deadline: float,
         label_selector: str,
         *,
-        uncertain: Callable[[], None] | None = None,
+        uncertain: Callable[[bool], None] | None = None,
+        orphan: Callable[[asyncio.Future[dict[str, Any]]], bool] | None = None,
+        on_retry: Callable[[KubernetesAPIError], None] | None = None,
     ) -> dict[str, Any]:
         """Create the Pod; after an ambiguous failure, adopt a Pod the lost call created.
 
         ``label_selector`` must select exactly the Pods of this request (the
         connection id label), which is what makes adoption safe. ``uncertain``
-        is called when an attempt gets no answer (timeout, cancel, lost
-        connection): the API server may still create its Pod, even a while
-        later, and the caller must look for it.
+        is called when an attempt may have created a Pod whose name never
+        reached us: with True when the attempt got no answer (timeout, cancel,
+        lost connection), as the API server may still create its Pod even a
+        while later; with False for a 5xx answer. It is not called for an
+        attempt that never reached the API server (connection refused, name
+        not resolved) or got a 4xx answer: no Pod can come of those.
+
+        ``orphan`` is offered an attempt still in flight when the call is
+        cancelled; if it returns True it takes the attempt over (awaits its
+        answer: a Pod that comes of it is then known by name and UID, so no
+        search is needed), else the attempt is cancelled.
         """
 
         async def do_create() -> dict[str, Any]:
+            attempt = asyncio.ensure_future(send())
+            try:
+                return await asyncio.shield(attempt)
+            except asyncio.CancelledError:
+                if not attempt.done() and not (orphan is not None and orphan(attempt)):
+                    attempt.cancel()
+                    await asyncio.gather(attempt, return_exceptions=True)
+                raise
+
+        async def send() -> dict[str, Any]:
             try:
                 return await _json(
                     self._api.create_namespaced_pod(
                         namespace, cast(Any, manifest), _preload_content=False
                     )
                 )
-            except (aiohttp.ClientError, OSError, asyncio.CancelledError):
-                # No answer (cut off by a timeout or a cancel, or the connection
-                # dropped): the API server may still create the Pod, even later.
+            except k8s.ApiException as exc:
+                if uncertain is not None and (exc.status or 0) >= 500:
+                    uncertain(False)
+                raise
+            except aiohttp.ClientConnectorError:
+                raise  # never connected: nothing was sent
+            except BaseException:
+                # No answer (cut off by a timeout or a cancel, the connection
+                # dropped, an answer that cannot be read): the API server may have
+                # created the Pod, or may still create it, even later.
                 if uncertain is not None:
-                    uncertain()
+                    uncertain(True)
                 raise
 
         async def find_existing() -> dict[str, Any] | None:
@@ -360,7 +426,9 @@ class PodController:
                 return pod
             return None
 
-        return await self._call("create Pod", deadline, do_create, ambiguous=find_existing)
+        return await self._call(
+            "create Pod", deadline, do_create, ambiguous=find_existing, on_retry=on_retry
+        )
 
     async def wait_ready(
         self,
@@ -484,13 +552,26 @@ class PodController:
         """Delete exactly this Pod (UID precondition). ``NotFound`` counts as done.
 
         Returns True when the API server accepted the deletion or the Pod was
-        already gone; False if it could not be deleted within ``timeout``.
+        already gone; False (logged) if it could not be deleted within ``timeout``.
+        """
+        error = await self.try_delete(ref, timeout)
+        if error is not None:
+            self._logger.error("could not delete Pod %s: %s", ref.name, error)
+        return error is None
+
+    async def try_delete(self, ref: PodRef, timeout: float) -> KuberunError | None:
+        """Delete exactly this Pod (UID precondition) within ``timeout``, retries included.
+
+        Returns None when it is done: the API server accepted the deletion, the
+        Pod is already gone, or the name now belongs to another Pod (which is
+        not kuberun's to delete). Otherwise returns the error, without logging it.
         """
         if not ref.uid:
             # Without a UID precondition the name could meanwhile belong to a Pod
             # kuberun did not create: never delete by name alone.
-            self._logger.error("not deleting Pod %s: its UID is unknown", ref.name)
-            return False
+            return KubernetesAPIError(
+                0, "NoUID", f"not deleting Pod {ref.name}: its UID is unknown"
+            )
         deadline = time.monotonic() + timeout
         body = k8s.V1DeleteOptions(
             preconditions=k8s.V1Preconditions(uid=ref.uid),
@@ -508,17 +589,15 @@ class PodController:
             await self._call(f"delete Pod {ref.name}", deadline, do_delete)
         except KubernetesAPIError as exc:
             if exc.status == 404:
-                return True
+                return None
             if exc.status == 409:
                 # UID precondition failed: a different Pod now has that name. Not ours.
                 self._logger.warning("Pod %s was replaced; not deleting it", ref.name)
-                return True
-            self._logger.error("could not delete Pod %s: %s", ref.name, exc)
-            return False
-        except PodStartTimeout:
-            self._logger.error("could not delete Pod %s within %.0fs", ref.name, timeout)
-            return False
-        return True
+                return None
+            return exc
+        except PodStartTimeout as exc:
+            return exc
+        return None
 
 
 async def _checked(call: Awaitable[Any]) -> aiohttp.ClientResponse:

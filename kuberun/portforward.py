@@ -155,9 +155,7 @@ class PortForwardStream(ExecStream):
         """
         if self._eof_timer is None and not self.finished:
             self._eof_mark = self.stdout_bytes
-            self._eof_timer = asyncio.get_running_loop().call_later(
-                idle, self._eof_check, idle
-            )
+            self._eof_timer = asyncio.get_running_loop().call_later(idle, self._eof_check, idle)
 
     def _eof_check(self, idle: float) -> None:
         self._eof_timer = None
@@ -166,9 +164,7 @@ class PortForwardStream(ExecStream):
         received = self.stdout_bytes
         if received != self._eof_mark or self._output_paused:
             self._eof_mark = received
-            self._eof_timer = asyncio.get_running_loop().call_later(
-                idle, self._eof_check, idle
-            )
+            self._eof_timer = asyncio.get_running_loop().call_later(idle, self._eof_check, idle)
             return
         self._close_transport()
         self._finish(ExecResult(0))

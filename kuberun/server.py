@@ -22,6 +22,7 @@ cancels a pending creation and deletes the Pod.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import os
@@ -43,6 +44,9 @@ from .channelhooks import (
 from .config import Config
 from .forward import open_forward, refuse_listener, refuse_unix
 from .handler import NetworkHandler, SSHConnectionHandler, new
+from .leftovers import JANITOR_INTERVAL, LeftoverJanitor, gateway_id
+from .pods import PodController, PodRef
+from .reaper import Reaper
 from .session import KuberunSession
 from .workspace import WorkspaceManager
 
@@ -53,6 +57,9 @@ _log = logging.getLogger("kuberun")
 #: Seconds a stopping gateway waits for sessions to flush their output to clients.
 _DRAIN_GRACE = 5.0
 _DRAIN_POLL = 0.02
+
+#: Seconds the start-up check of the API server (the janitor's first round) may take.
+_START_CHECK = 5.0
 
 #: Seconds between two log lines about connections refused by ``ssh.max_startups``.
 _REFUSAL_LOG_INTERVAL = 10.0
@@ -111,8 +118,15 @@ def server_options(config: Config) -> dict[str, Any]:
 
 class Gateway:
     """State shared by all connections of one gateway: config, API client, metrics,
-    background tasks, live connections.
+    background tasks, live connections, and the to-delete list of its Pods.
 
+    Call :meth:`start` once the event loop runs (it starts the janitor) and
+    :meth:`drain` before the program exits: it ends the sessions and waits for
+    every Pod's deletion. A program that exits without it, with connections
+    open or deletions owed, gets a warning in the log at exit.
+
+    :param name: the gateway instance id in the ``kuberun.io/gateway`` label
+        (default: ``kubernetes.gateway_id``, see :func:`kuberun.leftovers.gateway_id`)
     :param owner: ``ownerReference`` for user Pods (the gateway's own Pod when
         it runs in a cluster), so Kubernetes collects them if the gateway dies
     :param audit: an :class:`~kuberun.audit.Audit`, or a sink for the audit events
@@ -135,13 +149,40 @@ class Gateway:
         self.api_client = api_client
         self.metrics = metrics
         self.logger = logger or _log
-        self.name = name
+        self.name = name or gateway_id(config)
         self.owner = owner
         self.audit = (
             audit
             if isinstance(audit, Audit)
             else Audit(config.audit, instance=name, sink=audit, metrics=metrics)
         )
+        controller = PodController(
+            api_client,
+            logger=self.logger,
+            requests_counter=metrics.backend_requests if metrics is not None else None,
+            failures_counter=metrics.backend_failures if metrics is not None else None,
+        )
+        #: Pods owed a deletion (see :class:`kuberun.reaper.Reaper`).
+        self.reaper = Reaper(
+            controller,
+            attempt_timeout=config.timeouts.pod_stop,
+            logger=self.logger,
+            metrics=metrics,
+        )
+        #: Finds what an earlier run of this gateway left (see kuberun.leftovers).
+        self.janitor = LeftoverJanitor(
+            controller,
+            self.reaper,
+            config.kubernetes.namespace,
+            self.name,
+            live=self.connection_ids,
+            list_timeout=config.timeouts.pod_stop,
+            logger=self.logger,
+        )
+        self._drained = False
+        self._exit_hook = _undrained_warning(self)
+        atexit.register(self._exit_hook)
+        self._janitor_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: set[SSHServer] = set()
         self._prefix = secrets.token_hex(3)
@@ -160,6 +201,7 @@ class Gateway:
                 metrics=metrics,
                 identity=name,
                 track=self.track,
+                debts=self.reaper,
             )
 
     def next_connection_id(self) -> str:
@@ -189,7 +231,32 @@ class Gateway:
             track=self.track,
             audit=audit,
             workspaces=self.workspaces,
+            reaper=self.reaper,
         )
+
+    def connection_ids(self) -> set[str]:
+        """The ids of the open connections (their Pods are not leftovers)."""
+        return {server.connection_id for server in self._servers}
+
+    async def start(self, janitor_interval: float = JANITOR_INTERVAL) -> bool:
+        """Look for Pods an earlier run of this gateway left, then every
+        ``janitor_interval`` seconds. Returns False (and logs a warning) when
+        the API server cannot be reached now: the gateway still serves, as the
+        cluster may come up later.
+        """
+        reachable = await self.janitor.round(min(self.config.timeouts.pod_stop, _START_CHECK))
+        if not reachable:
+            self.logger.warning(
+                "the Kubernetes API server cannot be reached now; serving anyway, "
+                "logins wait for it (up to timeouts.pod_start)"
+            )
+        self._janitor_task = asyncio.ensure_future(self._janitor_rounds(janitor_interval))
+        return reachable
+
+    async def _janitor_rounds(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.janitor.round()
 
     @property
     def connections(self) -> int:
@@ -235,10 +302,22 @@ class Gateway:
             if self.metrics is not None:
                 self.metrics.connections.dec()
 
-    async def drain(self, message: str = "the gateway is shutting down") -> None:
-        """Tell every session, close every connection, and wait until every Pod is deleted
-        (user mode: until this gateway's claims on user Pods are released)."""
+    async def drain(
+        self, message: str = "the gateway is shutting down", grace: float | None = None
+    ) -> list[PodRef]:
+        """Tell every session, close every connection, and wait for every Pod's deletion.
+
+        Pod deletions get ``grace`` seconds (default ``timeouts.pod_stop``) once
+        the connections are closed; what is still owed then is logged, by name,
+        and returned. In user mode this gateway's claims on user Pods are
+        released; the Pods themselves are left to their idle clock.
+        """
         self.closing = True
+        self._drained = True
+        atexit.unregister(self._exit_hook)
+        if self._janitor_task is not None:
+            self._janitor_task.cancel()
+            await asyncio.gather(self._janitor_task, return_exceptions=True)
         for server in list(self._servers):
             server.shutdown(message)
         # Let the exit statuses, and the output of programs that had already ended,
@@ -256,16 +335,61 @@ class Gateway:
         await _poll_until(
             lambda: not self._servers, asyncio.get_running_loop().time() + _DRAIN_GRACE
         )
-        await self.wait_tasks()
+        grace = self.config.timeouts.pod_stop if grace is None else grace
+        until = time.monotonic() + grace
+        await self.wait_tasks(grace)
         if self.workspaces is not None:
             # Claims are released by now (connections closed); user Pods are left to
             # the idle clock, never deleted here.
             await self.workspaces.stop()
+        left = await self.reaper.drain(max(0.0, until - time.monotonic()))
+        searching = self.reaper.searching
+        await self.reaper.close()
+        if searching:
+            self.logger.warning(
+                "stopping while looking for the Pods of %d create(s) that lost their answer; "
+                "the janitor of the next run with gateway id %r deletes any that appear",
+                searching,
+                self.name,
+            )
+        if left:
+            self.logger.error(
+                "stopping with %d Pod(s) not deleted (the API server did not accept the "
+                "deletion within %.0fs): %s; the janitor of the next run with gateway id "
+                "%r deletes them",
+                len(left),
+                grace,
+                ", ".join(f"{ref.namespace}/{ref.name}" for ref in left),
+                self.name,
+            )
+        return left
 
-    async def wait_tasks(self) -> None:
-        """Wait for background tasks (Pod deletions) until none are left."""
+    async def wait_tasks(self, timeout: float | None = None) -> None:
+        """Wait for background tasks (Pod deletions) until none are left, or ``timeout``."""
+        until = None if timeout is None else time.monotonic() + timeout
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            remaining = None if until is None else until - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            await asyncio.wait(list(self._tasks), timeout=remaining)
+
+
+def _undrained_warning(gateway: Gateway) -> Callable[[], None]:
+    """An exit hook: say so when the program ends with the gateway's Pods in use or owed."""
+
+    def check() -> None:
+        if gateway._drained or not (gateway._servers or gateway.reaper.owed):
+            return
+        gateway.logger.warning(
+            "exiting without Gateway.drain(): %d connection(s) open, %d Pod deletion(s) "
+            "owed; their Pods stay until the janitor of the next run with gateway id %r "
+            "deletes them (await gateway.drain() before the program ends)",
+            len(gateway._servers),
+            gateway.reaper.owed,
+            gateway.name,
+        )
+
+    return check
 
 
 async def _poll_until(done: Callable[[], bool], deadline: float) -> None:

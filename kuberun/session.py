@@ -25,6 +25,7 @@ from .errors import (
     CommandStartError,
     ExecStreamLost,
     KuberunError,
+    client_message,
     exit_status_for,
 )
 from .execstream import ExecResult, ExecStream
@@ -178,7 +179,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         except Exception as exc:
             # A bug must end this one session with a message, never go unseen.
             self._log.exception("session %s: internal error", self._id)
-            self._end_with_error(ExecStreamLost(f"internal error: {exc!r}"))
+            error = ExecStreamLost(f"internal error: {exc!r}")
+            self._end_with_error(error.told("internal error (see the gateway log)"))
 
     # -- start-up ---------------------------------------------------------
 
@@ -480,7 +482,7 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
     def _end_with_error(self, exc: BaseException) -> None:
         self._audit.ending_with(exc)
         self._log.warning("session %s: %s", self._id, exc)
-        self._write_stderr(f"kuberun: {exc}")
+        self._write_stderr(f"kuberun: {client_message(exc)}")
         self._exit(exit_status_for(exc))
 
     def shutdown(self, message: str) -> None:

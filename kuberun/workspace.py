@@ -54,6 +54,7 @@ from .manifests import (
     label_selector,
 )
 from .pods import PodController, PodRef, json_body, pod_ips, pod_progress
+from .reaper import Reaper
 from .replicas import MERGE_PATCH, ReplicaLease
 
 if TYPE_CHECKING:
@@ -162,8 +163,11 @@ class WorkspaceManager:
         metrics: Any = None,
         identity: str | None = None,
         track: Callable[[asyncio.Task[Any]], None] | None = None,
+        debts: Reaper | None = None,
     ) -> None:
         self.config = config
+        # The gateway's to-delete list, for a user Pod that failed to start.
+        self._debts = debts
         self.namespace = config.kubernetes.namespace
         self.logger = logger
         self.metrics = metrics
@@ -441,7 +445,10 @@ class WorkspaceManager:
             # It will not become ready: nobody can use it, so the next connection gets a
             # new one (the delete names its UID, so a replacement is never hit).
             if reason not in ("Deleted", "Timeout"):
-                self._spawn(self.controller.delete(ref, self.config.timeouts.pod_stop))
+                if self._debts is not None:
+                    self._debts.owe(ref)
+                else:
+                    self._spawn(self.controller.delete(ref, self.config.timeouts.pod_stop))
             if isinstance(exc, KubernetesAPIError):
                 raise PodStartError(f"cannot start the Pod: {exc}", exc.reason) from exc
             raise

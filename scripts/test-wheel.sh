@@ -134,11 +134,12 @@ VENV_PY=$WORK/venv/bin/python
 # No .pyc compilation of the (large) dev dependencies: this venv is thrown away.
 quietly venv-pip "$VENV_PY" -m pip install --no-compile "${REPAIRED}[dev]"
 
-# The tests run from a directory that has tests/ and pyproject.toml (pytest settings) only.
+# The tests run from a directory that has tests/, pyproject.toml (pytest settings) and
+# README.md (a unit test holds its metrics table to the registry) only.
 RUN=$WORK/run
 mkdir -p "$RUN"
 tar -C "$ROOT" --exclude=__pycache__ --exclude=.hypothesis --exclude=.pytest_cache -cf - \
-    tests pyproject.toml | tar -xf - -C "$RUN"
+    tests pyproject.toml README.md | tar -xf - -C "$RUN"
 # A pytest plugin that checks, before and after the session, that every kuberun module
 # loaded comes from the venv and that the relay is the compiled one.
 cat >"$RUN/_kuberun_wheel_check.py" <<'EOF'

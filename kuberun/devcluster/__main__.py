@@ -58,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--token", help="bearer token clients must present (default: random)")
     parser.add_argument(
-        "--workdir", metavar="DIR", help="where Pod scratch directories go (default: a temp dir)"
+        "--workdir",
+        metavar="DIR",
+        help="state directory: Pod scratch directories, and the CA and token, kept and "
+        "reused by the next start (default: a temp dir, removed on exit)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every Pod change")
 

@@ -32,7 +32,7 @@ from .rest import Resources
 from .runtime import Runtime
 from .server import build_app
 from .store import Store
-from .tls import generate_certificates, server_ssl_context
+from .tls import Certificates, generate_certificates, server_ssl_context
 
 __all__ = ["DevCluster"]
 
@@ -55,7 +55,10 @@ class DevCluster:
     ``host``/``port`` say where to listen (port 0: a free port); ``token`` is the
     bearer token clients must send (None: a random one). ``workdir`` is where Pod
     scratch directories go (None: a temporary directory removed on stop); each
-    Pod's containers start in their own empty directory, which is also ``HOME``.
+    Pod's containers start in their own empty directory, which is also ``HOME``
+    and holds their ``TMPDIR``. A ``workdir`` given is also the cluster's state
+    directory: its CA and token are kept there and reused when the cluster is
+    started again, so clients (a running gateway) keep trusting it.
 
     Use ``async with DevCluster() as cluster:`` or :meth:`start`/:meth:`stop`.
     Everything runs on the current event loop (asyncio or uvloop).
@@ -73,6 +76,7 @@ class DevCluster:
         self.host = host
         self.port = port
         self.token: str = token if token is not None else secrets.token_urlsafe(32)
+        self._token_given = token is not None
         self.bookmark_interval = bookmark_interval
         self.store = Store()
         self.runtime = Runtime()
@@ -103,7 +107,7 @@ class DevCluster:
         if self._runner is not None:
             raise RuntimeError("DevCluster already started")
         self._prepare_workdir()
-        certs = generate_certificates([self.host])
+        certs = self._certificates()
         self.ca_pem = certs.ca_pem
         runner = web.AppRunner(build_app(self), access_log=None, shutdown_timeout=2.0)
         await runner.setup()
@@ -131,6 +135,26 @@ class DevCluster:
             self.workdir = str(self._workdir_arg)
             Path(self.workdir).mkdir(parents=True, exist_ok=True)
         self.kubelet.workdir_root = self.workdir
+
+    def _certificates(self) -> Certificates:
+        """TLS material; with a ``workdir`` of the caller's, its CA and token are kept
+        there (``ca.crt``, ``ca.key``, ``token``) and reused by the next start, so
+        clients of a restarted cluster keep trusting it and keep their kubeconfig."""
+        if self._own_workdir:
+            return generate_certificates([self.host])
+        state = Path(self.workdir)
+        ca_crt, ca_key, token = state / "ca.crt", state / "ca.key", state / "token"
+        if not self._token_given:
+            if token.exists():
+                self.token = token.read_text().strip() or self.token
+            else:
+                _write_private(token, self.token.encode())
+        if ca_crt.exists() and ca_key.exists():
+            return generate_certificates([self.host], (ca_crt.read_bytes(), ca_key.read_bytes()))
+        certs = generate_certificates([self.host])
+        _write_private(ca_key, certs.ca_key_pem)
+        ca_crt.write_bytes(certs.ca_pem)
+        return certs
 
     async def stop(self) -> None:
         """Stop serving and kill every process the cluster started."""
@@ -232,3 +256,10 @@ def with_suppress_unlink(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

@@ -361,7 +361,11 @@ class PodWorker:
         if pod is None:
             return None
         assert self.workdir is not None
-        base = base_env({"HOSTNAME": self.name, "HOME": str(self.workdir)})
+        # A private TMPDIR in the Pod's scratch directory, removed with the Pod:
+        # what a program puts there (kuberun's PID files) never piles up in /tmp.
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        base = base_env({"HOSTNAME": self.name, "HOME": str(self.workdir), "TMPDIR": str(tmp)})
         try:
             ctr.env = resolve_env(pod, ctr.spec, base)
         except ConfigError as exc:

@@ -25,11 +25,13 @@ __all__ = ["Certificates", "generate_certificates", "server_ssl_context"]
 
 @dataclass(frozen=True)
 class Certificates:
-    """PEM-encoded CA certificate, serving certificate and its private key."""
+    """PEM-encoded CA certificate, serving certificate and its private key (and the
+    CA's key, so a restarted cluster can keep its CA)."""
 
     ca_pem: bytes
     cert_pem: bytes
     key_pem: bytes
+    ca_key_pem: bytes = b""
 
 
 def _san_entries(hosts: list[str]) -> list[x509.GeneralName]:
@@ -47,20 +49,41 @@ def _san_entries(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def generate_certificates(hosts: list[str]) -> Certificates:
+def generate_certificates(hosts: list[str], ca: tuple[bytes, bytes] | None = None) -> Certificates:
     """Create a CA and a serving certificate valid for ``hosts`` plus loopback names.
 
-    Unspecified addresses (``0.0.0.0``, ``::``) add the machine's host name, since
-    clients then connect by name or loopback address.
+    ``ca`` (certificate and key, PEM) is a CA to sign with instead of a new one:
+    clients that trust it keep working across restarts. Unspecified addresses
+    (``0.0.0.0``, ``::``) add the machine's host name, since clients then connect
+    by name or loopback address.
     """
     now = datetime.datetime.now(datetime.timezone.utc)
     not_before = now - datetime.timedelta(hours=1)
     not_after = now + datetime.timedelta(days=365)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "devcluster-ca")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
+    if ca is not None:
+        ca_cert = x509.load_pem_x509_certificate(ca[0])
+        loaded = serialization.load_pem_private_key(ca[1], password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError("the devcluster CA key is not an EC key")
+        ca_key = loaded
+        ca_name = ca_cert.subject
+        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+        ca_cert = _ca_certificate(ca_key, ca_name, ca_ski, not_before, not_after)
+    return _serving(hosts, ca_cert, ca_key, ca_name, ca_ski, not_before, not_after)
+
+
+def _ca_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_name: x509.Name,
+    ca_ski: x509.SubjectKeyIdentifier,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+) -> x509.Certificate:
+    return (
         x509.CertificateBuilder()
         .subject_name(ca_name)
         .issuer_name(ca_name)
@@ -87,6 +110,16 @@ def generate_certificates(hosts: list[str]) -> Certificates:
         .sign(ca_key, hashes.SHA256())
     )
 
+
+def _serving(
+    hosts: list[str],
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_name: x509.Name,
+    ca_ski: x509.SubjectKeyIdentifier,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+) -> Certificates:
     all_hosts = ["127.0.0.1", "::1", "localhost", "kubernetes", "kubernetes.default"]
     for host in hosts:
         all_hosts.append(host)
@@ -129,6 +162,11 @@ def generate_certificates(hosts: list[str]) -> Certificates:
         ca_pem=ca_cert.public_bytes(serialization.Encoding.PEM),
         cert_pem=cert.public_bytes(serialization.Encoding.PEM),
         key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        ca_key_pem=ca_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),

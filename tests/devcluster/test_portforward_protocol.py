@@ -68,7 +68,10 @@ def header(channel: int, port: int) -> tuple[int, bytes]:
     ],
 )
 async def test_negotiation(
-    web: Api, cluster: DevCluster, server: tuple[int, list[bytes]], offer: list[str] | None,
+    web: Api,
+    cluster: DevCluster,
+    server: tuple[int, list[bytes]],
+    offer: list[str] | None,
     chosen: str | None,
 ) -> None:
     port, _ = server

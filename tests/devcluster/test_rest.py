@@ -379,7 +379,7 @@ async def test_client_gone_mid_body_is_quiet(
         )
         writer.write(
             f"POST {PODS} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {cluster.token}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{\"kind\":".encode()
+            'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"kind":'.encode()
         )
         await writer.drain()
         await asyncio.sleep(0.05)  # the handler is now waiting for the rest of the body

@@ -74,8 +74,8 @@ def main() -> int:
     parser.add_argument(
         "--janitor",
         action="store_true",
-        help="delete the Pods a gateway of this name left (as `kuberun serve` does) "
-        "before printing the port",
+        help="wait until the Pods a gateway of this name left are deleted (the janitor "
+        "of `kuberun serve` owes them at start-up) before printing the port",
     )
     # Connection ids become PREFIX-<pid>-<n>, so a test knows the recording file names.
     parser.add_argument("--connection-prefix", default=None)

@@ -21,8 +21,7 @@ from kuberun.devcluster.tls import generate_certificates
 from kuberun.errors import EXIT_POD_FAILED, CommandStartError
 from kuberun.execstream import ExecConnector
 from kuberun.gateway import GatewayRunner
-from kuberun.janitor import Janitor
-from kuberun.manifests import LABEL_GATEWAY, LABEL_MANAGED_BY
+from kuberun.manifests import LABEL_CONNECTION_ID, LABEL_GATEWAY, LABEL_MANAGED_BY
 
 from .clusters import TestCluster
 from .conftest import Gateway, gateway_config, wait_for
@@ -199,16 +198,23 @@ async def test_only_kuberun_pods_are_deleted(gateway: Gateway) -> None:
         await pod("gateway-label-only", {LABEL_GATEWAY: "test"})
         await pod("other-gateway", {LABEL_MANAGED_BY: "kuberun", LABEL_GATEWAY: "other"})
         await pod("leftover", {LABEL_MANAGED_BY: "kuberun", LABEL_GATEWAY: "test"})
+        live = {LABEL_MANAGED_BY: "kuberun", LABEL_GATEWAY: "test"}
+        async with gateway.asyncssh_connect() as conn:
+            # The Pod of a live connection of this gateway is not a leftover.
+            assert (await conn.run("true")).exit_status == 0
+            await pod("live", dict(live, **{LABEL_CONNECTION_ID: _connection_id(gateway)}))
+            await gateway.runner.gateway.janitor.sweep()
+            assert "live" in await names()
         bystanders = {"plain", "gateway-label-only", "other-gateway"}
 
-        # The janitor deletes only the leftover of this gateway.
-        runner = gateway.runner
-        await Janitor(runner.config, api_client, None, runner.gateway.name).collect_leftovers()
+        # The janitor deletes only the leftovers of this gateway.
+        await gateway.runner.gateway.janitor.sweep()
 
-        async def leftover_gone() -> bool:
-            return "leftover" not in await names()
+        async def leftovers_gone() -> bool:
+            # "live" and "leftover", and the Pod of the connection that has ended
+            return not await names() - bystanders
 
-        await wait_for(leftover_gone, 30, "leftover deleted")
+        await wait_for(leftovers_gone, 30, "leftovers deleted")
         assert bystanders <= await names()
 
         # A Pod replaced under kuberun's feet (same name, new UID) is not deleted:
@@ -231,3 +237,8 @@ async def test_only_kuberun_pods_are_deleted(gateway: Gateway) -> None:
         if not cluster.real:  # only devcluster keeps a request log
             deletes = [r for r in cluster.dev.requests.where(verb="delete") if r.name == mine]
             assert deletes and deletes[-1].status == 409
+
+
+def _connection_id(gateway: Gateway) -> str:
+    (cid,) = gateway.runner.gateway.connection_ids()
+    return cid

@@ -103,8 +103,9 @@ def build_runtime(binaries: Binaries) -> None:
     """Build containerd, ctr, the shim, runc and the CNI plugins if missing."""
     stamp = _stamp_of(CONTAINERD_VERSION, RUNC_VERSION, CNI_PLUGINS_VERSION)
     stamp_file = binaries.runtime / "versions.stamp"
-    outputs = [binaries.runtime / name for name in ("containerd", "ctr", "containerd-shim-runc-v2",
-                                                     "runc")]
+    outputs = [
+        binaries.runtime / name for name in ("containerd", "ctr", "containerd-shim-runc-v2", "runc")
+    ]
     outputs += [binaries.cni / Path(plugin).name for plugin in CNI_PLUGINS]
     if _fresh(stamp_file, stamp, outputs):
         return
@@ -118,12 +119,18 @@ def build_runtime(binaries: Binaries) -> None:
     containerd = "github.com/containerd/containerd/v2"
     run(
         [
-            "go", "install", "-trimpath",
+            "go",
+            "install",
+            "-trimpath",
             # btrfs needs cgo, devmapper and zfs need machine support this cluster never uses.
-            "-tags", "no_btrfs,no_devmapper,no_zfs",
-            "-ldflags", f"-s -w -X {containerd}/version.Version={CONTAINERD_VERSION}",
-            *(f"{containerd}/cmd/{cmd}@{CONTAINERD_VERSION}"
-              for cmd in ("containerd", "ctr", "containerd-shim-runc-v2")),
+            "-tags",
+            "no_btrfs,no_devmapper,no_zfs",
+            "-ldflags",
+            f"-s -w -X {containerd}/version.Version={CONTAINERD_VERSION}",
+            *(
+                f"{containerd}/cmd/{cmd}@{CONTAINERD_VERSION}"
+                for cmd in ("containerd", "ctr", "containerd-shim-runc-v2")
+            ),
         ],
         env=env,
     )
@@ -131,8 +138,13 @@ def build_runtime(binaries: Binaries) -> None:
     env["CGO_ENABLED"] = "1"
     run(
         [
-            "go", "install", "-trimpath", "-tags", "seccomp,urfave_cli_no_docs",
-            "-ldflags", f"-s -w -X main.version={RUNC_VERSION.lstrip('v')}",
+            "go",
+            "install",
+            "-trimpath",
+            "-tags",
+            "seccomp,urfave_cli_no_docs",
+            "-ldflags",
+            f"-s -w -X main.version={RUNC_VERSION.lstrip('v')}",
             f"github.com/opencontainers/runc@{RUNC_VERSION}",
         ],
         env=env,
@@ -140,8 +152,14 @@ def build_runtime(binaries: Binaries) -> None:
     env.update(GOBIN=str(binaries.cni), CGO_ENABLED="0")
     plugins = "github.com/containernetworking/plugins/plugins"
     run(
-        ["go", "install", "-trimpath", "-ldflags", "-s -w",
-         *(f"{plugins}/{plugin}@{CNI_PLUGINS_VERSION}" for plugin in CNI_PLUGINS)],
+        [
+            "go",
+            "install",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            *(f"{plugins}/{plugin}@{CNI_PLUGINS_VERSION}" for plugin in CNI_PLUGINS),
+        ],
         env=env,
     )
     stamp_file.write_text(stamp)

@@ -35,8 +35,14 @@ from tests.realcluster.layout import (
 from tests.realcluster.pki import ensure_pki
 
 # Start order; teardown handles its own order.
-DAEMONS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd",
-           "kubelet"]
+DAEMONS = [
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "containerd",
+    "kubelet",
+]
 SMOKE_NAMESPACE = "kube-system"
 SMOKE_POD = "realcluster-smoke"
 
@@ -211,7 +217,9 @@ def _wait_usable(layout: Layout, api: Api, node: str) -> None:
         return api.probe("GET", path)[0] == 200 or None
 
     wait_for(
-        "the default ServiceAccount", service_account, 120,
+        "the default ServiceAccount",
+        service_account,
+        120,
         lambda: processes.log_tail(layout, "kube-controller-manager"),
     )
     _smoke_pod(layout, api)
@@ -277,4 +285,3 @@ def _smoke_pod(layout: Layout, api: Api) -> None:
     if pod_ip not in ipaddress.ip_network(POD_CIDR):
         raise ClusterError(f"the smoke Pod got {pod_ip}, not an address from {POD_CIDR}")
     api.request("DELETE", f"{pods}/{SMOKE_POD}?gracePeriodSeconds=0")
-

@@ -97,9 +97,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_oci_archive(
-    layer_dir: Path, name: str, out: Path, config: dict[str, object]
-) -> None:
+def write_oci_archive(layer_dir: Path, name: str, out: Path, config: dict[str, object]) -> None:
     """Write an OCI image-layout tarball of one layer made from ``layer_dir``.
 
     ``name`` goes into the ``io.containerd.image.name`` annotation, which ``ctr images import``

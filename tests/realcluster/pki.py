@@ -31,8 +31,18 @@ class Identity:
 
 
 def _key(path: Path) -> None:
-    run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-out", str(path)])
+    run(
+        [
+            "openssl",
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            str(path),
+        ]
+    )
     path.chmod(0o600)
 
 
@@ -57,9 +67,27 @@ def _issue(pki: Path, identity: Identity) -> None:
     if identity.alt_names:
         lines.append("subjectAltName=" + ",".join(identity.alt_names))
     ext.write_text("\n".join(lines) + "\n")
-    run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"),
-         "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", _DAYS, "-sha256",
-         "-extfile", str(ext), "-out", str(crt)])
+    run(
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(pki / "ca.crt"),
+            "-CAkey",
+            str(pki / "ca.key"),
+            "-CAcreateserial",
+            "-days",
+            _DAYS,
+            "-sha256",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(crt),
+        ]
+    )
     csr.unlink()
     ext.unlink()
 
@@ -109,11 +137,27 @@ def ensure_pki(pki: Path, node_name: str, node_ip: str, service_ip: str) -> None
     pki.chmod(0o700)
     if not (pki / "ca.crt").exists():
         _key(pki / "ca.key")
-        run(["openssl", "req", "-x509", "-new", "-key", str(pki / "ca.key"), "-sha256",
-             "-subj", "/CN=kuberun-realcluster-ca", "-days", _DAYS,
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-             "-out", str(pki / "ca.crt")])
+        run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                str(pki / "ca.key"),
+                "-sha256",
+                "-subj",
+                "/CN=kuberun-realcluster-ca",
+                "-days",
+                _DAYS,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+                "-out",
+                str(pki / "ca.crt"),
+            ]
+        )
     for identity in identities(node_name, node_ip, service_ip):
         if not (pki / f"{identity.stem}.crt").exists():
             _issue(pki, identity)

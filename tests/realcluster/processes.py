@@ -296,12 +296,16 @@ def remove_iptables_chains() -> None:
                     jump = words[words.index("-j") + 1] if "-j" in words else ""
                     if jump.startswith(ours):
                         # "-A INPUT ..." → "-D INPUT ...": the same rule, deleted.
-                        subprocess.run([tool, "-w", "-t", table, "-D", *words[1:]],
-                                       capture_output=True, check=False)
+                        subprocess.run(
+                            [tool, "-w", "-t", table, "-D", *words[1:]],
+                            capture_output=True,
+                            check=False,
+                        )
             for flag in ("-F", "-X"):
                 for chain in chains:
-                    subprocess.run([tool, "-w", "-t", table, flag, chain],
-                                   capture_output=True, check=False)
+                    subprocess.run(
+                        [tool, "-w", "-t", table, flag, chain], capture_output=True, check=False
+                    )
 
 
 def teardown(layout: Layout, components: list[str], machine_wide: bool = True) -> None:

@@ -70,7 +70,7 @@ def test_defaults_match_the_documented_schema() -> None:
     assert cfg.pod.shell_command == ("/bin/sh",)
     assert dict(cfg.pod.subsystems) == {"sftp": ("/usr/lib/openssh/sftp-server",)}
     assert cfg.pod.signals is True
-    assert cfg.pod.pid_dir == "/tmp"
+    assert cfg.pod.pid_dir is None  # the container's $TMPDIR, else /tmp
     assert cfg.timeouts == TimeoutsConfig(60, 30, 30)
     assert cfg.metrics.listen == "127.0.0.1:9100"
     assert cfg.logging.format == "text"

@@ -903,3 +903,28 @@ def test_pid_file_paths_of_distinct_ids_differ() -> None:
     assert pid_file_path("/t", "a/b", "1") != pid_file_path("/t", "a-b", "1")
     assert pid_file_path("/t", "../x", "1") != pid_file_path("/t", "x", "1")
     assert "/.." not in pid_file_path("/t", "../../etc/passwd", "1")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_relative_pid_file_lives_in_tmpdir(shell: str, tmp_path: Path) -> None:
+    # pod.pid_dir null: the PID file goes to the container's $TMPDIR (devcluster
+    # gives each Pod its own), else /tmp; a TMPDIR among the user's env words
+    # does not move it, as the file is written before any export.
+    name = pid_file_path(None, "c1", "s1")
+    assert name == "kuberun-c1-s1.pid"
+    argv = wrap_command(["sleep", "30"], env={"TMPDIR": str(tmp_path / "elsewhere")}, pid_file=name)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TMPDIR": str(tmp_path)}
+    # Started as runc, crun and devcluster start an exec: in a session of its own.
+    proc = subprocess.Popen(shell_argv(shell, argv), env=env, start_new_session=True)
+    try:
+        pid_file = tmp_path / name
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().endswith("\n"))
+        assert (tmp_path / name).read_text() == f"-{proc.pid}\n"
+        killed = subprocess.run(
+            shell_argv(shell, kill_argv("TERM", name)), env=env, timeout=20, check=False
+        )
+        assert killed.returncode == 0
+        assert proc.wait(20) == -15
+    finally:
+        proc.kill()
+        proc.wait()

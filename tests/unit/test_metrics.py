@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -43,7 +45,34 @@ EXPECTED = {
     "kuberun_forwarded_bytes": "counter",
     "kuberun_forward_failures": "counter",
     "kuberun_forward_open_seconds": "histogram",
+    "kuberun_pods_pending_deletion": "gauge",
 }
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_metrics() -> dict[str, str]:
+    """The README's metrics table: exposed name -> type (a row may name several)."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`kuberun_"):
+            continue
+        for name in re.findall(r"`(kuberun_[a-z_]+)(?:\{[^}]*\})?`", cells[0]):
+            table[name] = cells[1]
+    return table
+
+
+def test_readme_metrics_table_matches_the_registry() -> None:
+    text = generate_latest(Metrics().registry).decode()
+    exposed = {
+        (f"{f.name}_total" if f.type == "counter" else f.name): f.type
+        for f in text_string_to_metric_families(text)
+        if not (f.name.endswith("_created") and f.type == "gauge")
+    }
+    assert _readme_metrics() == exposed
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

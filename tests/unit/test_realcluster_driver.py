@@ -78,16 +78,25 @@ def test_oci_archive_is_a_consistent_image_layout(tmp_path: Path) -> None:
 def test_certificates_chain_to_the_ca_and_name_the_node(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     ensure_pki(pki, "node-a", "192.0.2.7", "10.96.0.1")
-    for stem in ("apiserver", "apiserver-kubelet-client", "admin", "controller-manager",
-                 "scheduler", "node"):
+    for stem in (
+        "apiserver",
+        "apiserver-kubelet-client",
+        "admin",
+        "controller-manager",
+        "scheduler",
+        "node",
+    ):
         verified = subprocess.run(
             ["openssl", "verify", "-CAfile", str(pki / "ca.crt"), str(pki / f"{stem}.crt")],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         assert verified.returncode == 0, verified.stdout + verified.stderr
     text = subprocess.run(
         ["openssl", "x509", "-noout", "-text", "-in", str(pki / "node.crt")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     # The Node authorizer and the apiserver's kubelet-serving check need exactly these.
     assert "CN = system:node:node-a" in text and "O = system:nodes" in text
@@ -95,7 +104,9 @@ def test_certificates_chain_to_the_ca_and_name_the_node(tmp_path: Path) -> None:
     assert "TLS Web Server Authentication" in text and "TLS Web Client Authentication" in text
     apiserver = subprocess.run(
         ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", str(pki / "apiserver.crt")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "IP Address:10.96.0.1" in apiserver and "DNS:kubernetes.default.svc" in apiserver
     # A second run keeps what exists, so kubeconfigs handed out stay valid.
@@ -129,8 +140,14 @@ def test_configs_and_command_lines_point_into_the_cluster_dir(tmp_path: Path) ->
     assert [p["type"] for p in conflist["plugins"]] == ["bridge", "portmap"]
 
     argvs = command_lines(layout, binaries, "192.0.2.7", "node-a")
-    assert list(argvs) == ["etcd", "kube-apiserver", "kube-controller-manager",
-                           "kube-scheduler", "containerd", "kubelet"]
+    assert list(argvs) == [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "containerd",
+        "kubelet",
+    ]
     for name, argv in argvs.items():
         # Every file a daemon reads or writes is under DIR or the binaries (down finds it all).
         for flag in argv[1:]:
