@@ -99,8 +99,13 @@ class Deployed:
             )
         ]
 
-    def user_pods(self) -> dict[str, Any]:
-        return {p["metadata"]["name"]: p for p in self.objects(USERS_NS, "pods")}
+    def user_pods(self, terminating: bool = False) -> dict[str, Any]:
+        """The users' Pods; those being deleted (an earlier test's) only if asked for."""
+        return {
+            p["metadata"]["name"]: p
+            for p in self.objects(USERS_NS, "pods")
+            if terminating or not p["metadata"].get("deletionTimestamp")
+        }
 
     def ssh_argv(self, port: int, *command: str, tty: bool = False) -> list[str]:
         return [
@@ -394,7 +399,7 @@ def test_sessions_through_the_service(deployed: Deployed) -> None:
             )
 
         # A session held open: look at its Pod.
-        poll(lambda: not deployed.user_pods(), 60, "the transfers' Pod deleted")
+        poll(lambda: not deployed.user_pods(True), 60, "the transfers' Pod deleted")
         with held_session(deployed, port):
             (pod,) = deployed.user_pods().values()
     meta, spec = pod["metadata"], pod["spec"]
@@ -498,7 +503,7 @@ def test_rollout_drains_each_replica(deployed: Deployed) -> None:
         watch.terminate()
         watch.wait(10)
         ends = container_ends(watched.read_text())
-    poll(lambda: not (set(deployed.user_pods()) & user_pods), 60, "old users' Pods deleted")
+    poll(lambda: not set(deployed.user_pods(True)) & user_pods, 60, "old users' Pods gone")
     # Each old gateway exited by itself, drained, before the kubelet's SIGKILL.
     assert {name: ends.get(name) for name in old} == {name: (0, "Completed") for name in old}
     assert time.monotonic() - started < 2 * (45 + 60)  # two drains, two starts
@@ -559,7 +564,7 @@ def test_killed_gateway_pods_collected(deployed: Deployed, how: str) -> None:
             deployed.kubectl("-n", GATEWAY_NS, "delete", "pod", name, "--grace-period=0", "--force")
         session.wait(60)
         assert session.returncode != 0
-    poll(lambda: user_pod not in deployed.user_pods(), 120, f"{user_pod} collected")
+    poll(lambda: user_pod not in deployed.user_pods(True), 120, f"{user_pod} collected")
     poll(lambda: len(deployed.gateways()) == 2, 240, "two ready replicas again")
 
 
