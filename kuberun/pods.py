@@ -266,6 +266,7 @@ class PodController:
         *,
         ambiguous: Callable[[], Awaitable[_T | None]] | None = None,
         on_retry: Callable[[KubernetesAPIError], None] | None = None,
+        cleanup: bool = False,
     ) -> _T:
         """Run one API call with retries until ``deadline`` (``time.monotonic``).
 
@@ -273,6 +274,11 @@ class PodController:
         have been applied server-side (5xx or a lost connection): if it finds
         the result, it is returned instead of repeating the call. ``on_retry``
         hears every failure that is retried (progress for a waiting user).
+
+        ``cleanup`` calls (deleting a Pod, finding the Pods to delete) also retry
+        403 Forbidden: a kube-apiserver that has just restarted refuses requests
+        until its RBAC caches have synced ("role ... not found"), and giving up
+        there would leave the Pod behind.
 
         :raises PodStartTimeout: out of time; its ``last`` is the last failure
         :raises KubernetesAPIError: a failure that is not worth retrying
@@ -296,7 +302,7 @@ class PodController:
             except Exception as exc:
                 if self._failures is not None:
                     self._failures.inc()
-                retryable = _is_retryable(exc)
+                retryable = _is_retryable(exc) or (cleanup and _status_of(exc) == 403)
                 if not retryable or time.monotonic() >= deadline:
                     if retryable:
                         # Out of time, this failure included: say why, the last failure
@@ -535,7 +541,7 @@ class PodController:
                 )
             )
 
-        data = await self._call("list Pods", deadline, do_list)
+        data = await self._call("list Pods", deadline, do_list, cleanup=True)
         return list(data.get("items") or [])
 
     async def get(self, namespace: str, name: str, deadline: float) -> dict[str, Any]:
@@ -586,7 +592,7 @@ class PodController:
             )
 
         try:
-            await self._call(f"delete Pod {ref.name}", deadline, do_delete)
+            await self._call(f"delete Pod {ref.name}", deadline, do_delete, cleanup=True)
         except KubernetesAPIError as exc:
             if exc.status == 404:
                 return None

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -118,8 +119,9 @@ class Options:
 class Outcome:
     kind: str
     # ok | kuberun-error | killed | refused | violation; on a real cluster also
-    # container-killed (the program got SIGKILL) and gateway-killed (no status: the
-    # gateway was SIGKILLed)
+    # container-killed (the program got SIGKILL), gateway-killed (no status: the
+    # gateway was SIGKILLed) and runtime-lost-output (containerd restarted meanwhile,
+    # and the API server reported Success without the rest of the output)
     result: str
     detail: str = ""
     phase: str = ""
@@ -193,6 +195,12 @@ class Report:
 
 class Violation(Exception):
     pass
+
+
+#: When the running lifecycle started (each lifecycle is a task of its own).
+_LIFECYCLE_START: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "lifecycle_start", default=None
+)
 
 
 def _send_input(proc: Any, data: bytes | str | None, *, eof: bool = False) -> None:
@@ -436,7 +444,8 @@ class Chaos:
             },
             "timeouts": {
                 "pod_start": max(POD_START, self.cluster.pod_start),
-                "pod_stop": POD_STOP,
+                # A real API server restarting takes longer than devcluster's faults.
+                "pod_stop": POD_STOP * (3 if self.real_faults else 1),
                 "command_start": COMMAND_START,
             },
             "metrics": {"listen": f"127.0.0.1:{_free_port()}"},
@@ -501,8 +510,17 @@ class Chaos:
             return Outcome(kind, "kuberun-error", f"{status}")
         if not expected():
             killed = status == 137 or signal_name == "KILL"
-            if killed and self.real_faults is not None and self.real_faults.container_kills:
+            real = self.real_faults
+            if killed and real is not None and real.container_kills:
                 return Outcome(kind, "container-killed")
+            started = _LIFECYCLE_START.get(None)
+            if (
+                status == 0
+                and real is not None
+                and started is not None
+                and real.runtime_restarted_since(started)
+            ):
+                return Outcome(kind, "runtime-lost-output")
             raise Violation(f"{what}: unexpected result status={status} signal={signal_name}")
         return Outcome(kind, "ok")
 
@@ -661,6 +679,8 @@ class Chaos:
         )
         out, err = await proc.communicate()
         status = proc.returncode
+        if status == 255 and self.gateway_killed:
+            return Outcome("openssh", "gateway-killed")
         if status == 255:
             raise Violation(f"openssh: exit 255 (connection failed): {err[-300:]!r}")
         return self.judge(
@@ -719,6 +739,7 @@ class Chaos:
         name = rng.choices(names, weights=[self.LIFECYCLES[n] for n in names])[0]
         kind = name[3:]
         runner: Callable[[random.Random], Awaitable[Outcome]] = getattr(self, name)
+        _LIFECYCLE_START.set(time.monotonic())
         try:
             return await asyncio.wait_for(runner(rng), self.lifecycle_timeout)
         except Violation as exc:

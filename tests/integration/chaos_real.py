@@ -50,6 +50,19 @@ class RealFaults:
         self.failures: list[str] = []
         #: Container kills so far: a session whose program got SIGKILL is then expected.
         self.container_kills = 0
+        #: When containerd last went down and was back (monotonic seconds).
+        self.runtime_down: tuple[float, float] = (-1e9, -1e9)
+
+    def runtime_restarted_since(self, started: float) -> bool:
+        """Whether containerd went down after ``started`` (or is down now).
+
+        An exec whose containerd dies ends with a Success status and without the
+        output that was still on its way: the API server says so, not kuberun
+        (``kubectl exec`` exits 0 with no output the same way). Such sessions are
+        counted apart, not as kuberun's wrong endings.
+        """
+        down, back = self.runtime_down
+        return back >= started or down >= started
 
     @property
     def busy(self) -> bool:
@@ -75,9 +88,14 @@ class RealFaults:
                     self.fired[label] = self.fired.get(label, 0) + 1
                 return
             _, component, kill, down = COMPONENT_FAULTS[label]
+            began = time.monotonic()
+            if component == "containerd":
+                self.runtime_down = (began, float("inf"))
             await self._restart(component, kill, down)
             self.fired[label] = self.fired.get(label, 0) + 1
             await self.wait_healthy()
+            if component == "containerd":
+                self.runtime_down = (began, time.monotonic())
         except Exception as exc:  # recorded as a violation by the run
             self.failures.append(f"{label}: {exc!r}")
 

@@ -51,12 +51,13 @@ async def serve(args: argparse.Namespace) -> int:
         runner.gateway._prefix = args.connection_prefix
     try:
         await runner.start()
+        # Before the port is announced: a SIGTERM right after it is then a shutdown.
+        runner.install_signal_handlers()
         if args.janitor:
             from kuberun.janitor import Janitor
 
             await Janitor(config, api_client, None, args.name).collect_leftovers()
         print(f"PORT {runner.port}", flush=True)
-        runner.install_signal_handlers()
         await runner.wait_stopped()
         await runner.close()
     finally:

@@ -131,3 +131,35 @@ async def test_timeout_after_a_retryable_failure_at_the_deadline() -> None:
 
     with pytest.raises(PodStartTimeout, match=r"timed out \(last error: .*Connection refused"):
         await controller._call("create Pod", deadline, refused_late)
+
+
+async def test_cleanup_calls_outlast_a_restarting_api_servers_403() -> None:
+    """Right after a restart kube-apiserver answers 403 until its RBAC caches have
+    synced (seen under chaos on the real cluster): a delete retries through it, a
+    create does not (it reports the refusal)."""
+    from kubernetes_asyncio.client.rest import ApiException
+
+    from kuberun.errors import KubernetesAPIError
+
+    controller = PodController(
+        _NoApi(),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        backoff_base=0.01,
+    )
+    answers: list[int] = []
+
+    async def forbidden_twice() -> str:
+        answers.append(403)
+        if len(answers) <= 2:
+            raise ApiException(status=403, reason="Forbidden")
+        return "deleted"
+
+    deadline = time.monotonic() + 10
+    assert await controller._call("delete Pod", deadline, forbidden_twice, cleanup=True) == (
+        "deleted"
+    )
+    assert len(answers) == 3
+    answers.clear()
+    with pytest.raises(KubernetesAPIError) as info:
+        await controller._call("create Pod", deadline, forbidden_twice)
+    assert info.value.status == 403 and len(answers) == 1
