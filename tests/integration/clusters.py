@@ -307,7 +307,9 @@ def real_pod_spec(shared: Path, spec: Obj | None = None) -> Obj:
                     "name": f"slow-start-{len(init)}",
                     "image": REAL_IMAGE,
                     "imagePullPolicy": "Never",
-                    "command": ["sleep", seconds],
+                    # PID 1 ignores a TERM it has no handler for: end on it, as the
+                    # idle command does, so deleting a starting Pod takes no grace period.
+                    "command": ["sh", "-c", f"trap 'exit 0' TERM; sleep {seconds} & wait"],
                 }
             )
         # IfNotPresent finds the image imported; Always (or the default for an untagged

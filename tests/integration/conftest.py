@@ -164,6 +164,9 @@ async def run_command(
 
 
 async def wait_no_pods(cluster: TestCluster, timeout: float = 30) -> None:
+    if cluster.real:
+        timeout *= 2  # a real Pod terminates through the kubelet and the runtime
+
     async def none_left() -> bool:
         return not await cluster.pods()
 
