@@ -66,6 +66,8 @@ class ForwardChannel(asyncssh.SSHTCPSession[bytes]):
         self.stream: PortForwardStream | None = None
         self._closed = False
         self._published = False
+        #: Why the forward ended, for the audit trail (None: the client closed it).
+        self.ended_by: str | None = None
 
     # -- asyncssh callbacks -------------------------------------------------
 
@@ -129,6 +131,7 @@ class ForwardChannel(asyncssh.SSHTCPSession[bytes]):
         chan = self._chan
         if chan is None or self._closed:
             return
+        self.ended_by = str(result.error) if result.error is not None else "pod closed"
         if result.error is not None:
             reason = getattr(result.error, "reason", "") or "lost"
             self._conn.count_forward_failure(reason if reason == "refused" else "lost")
@@ -142,6 +145,7 @@ class ForwardChannel(asyncssh.SSHTCPSession[bytes]):
 
     def close(self) -> None:
         """End the forward now (gateway shutdown)."""
+        self.ended_by = self.ended_by or "gateway shutdown"
         if self.stream is not None and not self.stream.finished:
             self.stream.abort()
         if self._chan is not None and not self._closed:

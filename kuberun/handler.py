@@ -23,7 +23,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s
 
-from .audit import Audit, ConnectionAudit
+from .audit import Audit, ConnectionAudit, ForwardAudit
 from .config import Config
 from .errors import PodStartError
 from .execstream import ExecConnector
@@ -250,7 +250,7 @@ class SSHConnectionHandler:
         self._next_session = 0
         # Forwarding channels being opened or open, and those of them that are open.
         self._forwards: set[ForwardChannel] = set()
-        self._open_forwards: set[ForwardChannel] = set()
+        self._open_forwards: dict[ForwardChannel, ForwardAudit] = {}
         self._next_forward = 0
         self._closing = False
 
@@ -362,14 +362,22 @@ class SSHConnectionHandler:
             self._forwards.discard(channel)
 
     def forward_opened(self, channel: ForwardChannel) -> None:
-        self._open_forwards.add(channel)
+        self._open_forwards[channel] = self.audit.forward(
+            channel.host, channel.port, None, channel.id
+        )
         if self.metrics is not None:
             self.metrics.forward_channels.inc()
 
     def forward_closed(self, channel: ForwardChannel) -> None:
         self._forwards.discard(channel)
-        if channel in self._open_forwards:
-            self._open_forwards.discard(channel)
+        audit = self._open_forwards.pop(channel, None)
+        if audit is not None:
+            stream = channel.stream
+            audit.closed(
+                stream.stdin_bytes if stream is not None else 0,
+                stream.data_bytes if stream is not None else 0,
+                channel.ended_by or "client closed",
+            )
             if self.metrics is not None:
                 self.metrics.forward_channels.dec()
 

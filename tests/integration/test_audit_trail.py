@@ -3,11 +3,11 @@
 One gateway (``kuberun serve`` as a process, so it can be stopped with
 SIGTERM) with ``audit.directory`` set. OpenSSH clients, multiplexed over one
 ControlMaster connection where sshd users would do so: a refused key, an exec,
-a shell with a pty, sftp, a BREAK (``~B``, delivered as SIGINT), a client
-killed mid-session, and a session still running when the gateway gets
-SIGTERM. Every event line must validate against :data:`kuberun.audit.EVENT_SCHEMA`
-and each kind the run can produce must be there, with the fields that say what
-happened.
+a shell with a pty, sftp, a forward (``-W``) to a server in the Pod, a BREAK
+(``~B``, delivered as SIGINT), a client killed mid-session, and a session still
+running when the gateway gets SIGTERM. Every event line must validate against
+:data:`kuberun.audit.EVENT_SCHEMA` and each kind the run can produce must be there,
+with the fields that say what happened.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 
 from kuberun.audit import EVENT_SCHEMA
 
-from .chaos import Chaos, GatewayProcess, Options
+from .chaos import Chaos, GatewayProcess, Options, _free_port
 from .clusters import open_cluster
 from .conftest import SSH_OPTS, wait_for
 
@@ -158,6 +158,34 @@ async def test_every_event_kind_of_an_openssh_run(run: Run, tmp_path: Path) -> N
     assert code == 0, err
     assert (tmp_path / "down.txt").read_bytes() == b"sftp payload\n"
 
+    # A forward (ssh -W) to an HTTP server in the Pod.
+    port = _free_port()
+    server = await asyncio.create_subprocess_exec(
+        *run.ssh(f"exec python3 -m http.server {port} --bind 127.0.0.1"),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    forward = [
+        "ssh",
+        *SSH_OPTS,
+        "-o",
+        f"ControlPath={run.control}",
+        "-p",
+        str(run.gateway.port),
+        "-W",
+        f"127.0.0.1:{port}",
+        "auditor@127.0.0.1",
+    ]
+    for _ in range(100):  # until the server listens
+        code, out, _ = await run.run(forward, stdin=b"GET / HTTP/1.0\r\n\r\n")
+        if out.startswith(b"HTTP/1.0 200"):
+            break
+        await asyncio.sleep(0.2)
+    assert out.startswith(b"HTTP/1.0 200"), out[:200]
+    server.kill()
+    await server.wait()
+
     # A BREAK (~B, the escape at the start of a line), delivered as SIGINT.
     proc = await asyncio.create_subprocess_exec(
         *run.ssh("exec sleep 30", tty=True),
@@ -220,6 +248,8 @@ async def test_every_event_kind_of_an_openssh_run(run: Run, tmp_path: Path) -> N
         "session.opened",
         "session.signal",
         "session.ended",
+        "forward.opened",
+        "forward.closed",
         "connection.closed",
     }
     assert expected <= kinds, expected - kinds
@@ -261,6 +291,11 @@ async def test_every_event_kind_of_an_openssh_run(run: Run, tmp_path: Path) -> N
     # Sessions after the first found the connection's Pod running.
     assert len(of("pod.reused", connection=master)) >= 3
     assert len(of("pod.created", connection=master)) == 1
+
+    served = [e for e in of("forward.closed", port=port) if e["bytes"]["from_pod"] > 0]
+    assert served and served[-1]["host"] == "127.0.0.1" and served[-1]["bytes"]["to_pod"] == 18
+    opened_forwards = {e["forward"] for e in of("forward.opened", port=port)}
+    assert served[-1]["forward"] in opened_forwards
 
     stopped = of("session.ended", connection=last["connection"])
     assert stopped and stopped[0]["how"] == "shutdown" and stopped[0]["exit_status"] == 254
