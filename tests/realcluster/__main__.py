@@ -13,23 +13,26 @@ import sys
 from pathlib import Path
 
 from tests.realcluster.cluster import build, down, up
-from tests.realcluster.common import ClusterError, log
+from tests.realcluster.common import CACHE, ClusterError, log
 from tests.realcluster.layout import Binaries, Layout
 
-# One run at a time on a machine: the cluster's ports, bridge and cgroups are machine-wide,
-# and two builds would race on the cache. The lock dies with the process holding it.
-LOCK = Path("/run/kuberun-realcluster.lock")
+# One `up` or `down` at a time on a machine: the cluster's ports, bridge and cgroups are
+# machine-wide. Builds are serialized per cache instead (two builds would race on it), so a
+# build into another cache (KUBERUN_REALCLUSTER_CACHE) never waits for a cluster's start.
+# Each lock dies with the process holding it.
+MACHINE_LOCK = Path("/run/kuberun-realcluster.lock")
 
 
-def _serialize() -> None:
+def _serialize(path: Path, what: str) -> None:
     try:
-        lock = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise ClusterError(f"cannot open {LOCK} (needs root): {exc}") from None
+        raise ClusterError(f"cannot open {path} (needs root): {exc}") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log(f"waiting for another scripts/realcluster run ({LOCK})")
+        log(f"waiting for another scripts/realcluster run holding the {what} lock ({path})")
         fcntl.flock(lock, fcntl.LOCK_EX)
     # The descriptor stays open (and locked) until this process exits.
 
@@ -50,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     binaries = Binaries()
     try:
-        _serialize()
+        if args.command != "build":
+            _serialize(MACHINE_LOCK, "machine")
+        if args.command != "down":
+            _serialize(CACHE / "build.lock", "cache")
         if args.command == "build":
             build(binaries)
         else:
