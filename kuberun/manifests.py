@@ -356,6 +356,19 @@ _WRAPPER = (
     'case $1 in ""|/*) main "$@";; *) p="${TMPDIR:-/tmp}/$1"; shift; main "$p" "$@";; esac'
 )
 
+# A pty's first size.  The exec's first resize message travels beside the
+# program's start, and a real node (kubelet, containerd) applies it
+# asynchronously: the program can run before it lands and see a 0x0 terminal.
+# So the wrapper of a pty session first gives its terminal the client's size
+# itself, while the terminal has none yet ("0 0"; a size the runtime already
+# applied, perhaps a newer one, is left alone); later changes still come as
+# resize messages.  `stty` is the one external program used, before any
+# exported word can change PATH; an image without it runs the program as
+# before and leaves the size to the resize message.
+_SET_SIZE = (
+    'case $(stty size 2>/dev/null) in "0 0") stty rows {rows} cols {cols} 2>/dev/null;; esac; '
+)
+
 # $1 the signal name (checked against SIGNAL_NAMES first), $2 the PID file.
 # Only builtins: `read` instead of `cat`, so nothing but sh is needed.  The
 # file holds a PID or "-" and a process group id; digits without a leading
@@ -398,7 +411,11 @@ def exec_argv(command: str) -> list[str]:
 
 
 def wrap_command(
-    argv: Sequence[str], *, env: Mapping[str, str] | None = None, pid_file: str | None = None
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    pid_file: str | None = None,
+    term_size: tuple[int, int] | None = None,
 ) -> list[str]:
     """Wrap ``argv`` so that ``env`` is exported and its process group recorded in ``pid_file``.
 
@@ -408,18 +425,28 @@ def wrap_command(
     when the program leads its own process group (the exec already does, or
     the shell's job control gives the program a group of its own), the bare
     PID where neither is possible (dash or BusyBox without a terminal, in an
-    exec that is not a group leader).  Values are data, never code.  With no
-    env and no PID file, ``argv`` is returned unchanged.
+    exec that is not a group leader).  Values are data, never code.
+    ``term_size`` (columns, rows) is for a pty session: the script first sets
+    its terminal to that size unless the terminal already has one (see
+    ``_SET_SIZE``).  With no env, no PID file and no size, ``argv`` is
+    returned unchanged.
 
-    :raises ValueError: for an empty argv, an invalid variable name, or a
-        NUL character anywhere (argv strings cannot carry one).
+    :raises ValueError: for an empty argv, an invalid variable name, a
+        terminal size that is not two positive integers, or a NUL character
+        anywhere (argv strings cannot carry one).
     """
     if not argv:
         raise ValueError("empty argv")
     env = env or {}
     for i, arg in enumerate(argv):
         _check_arg(f"argv[{i}]", arg)
-    if not env and pid_file is None:
+    script = _WRAPPER
+    if term_size is not None:
+        cols, rows = term_size
+        if not all(type(n) is int and n > 0 for n in (cols, rows)):
+            raise ValueError(f"invalid terminal size {term_size!r}")
+        script = _SET_SIZE.format(rows=rows, cols=cols) + script
+    elif not env and pid_file is None:
         return list(argv)
     words = []
     for name, value in env.items():
@@ -429,7 +456,7 @@ def wrap_command(
         words.append(f"{name}={value}")
     if pid_file is not None:
         _check_arg("the PID file path", pid_file)
-    return ["/bin/sh", "-c", _WRAPPER, "kuberun", pid_file or "", *words, "--", *argv]
+    return ["/bin/sh", "-c", script, "kuberun", pid_file or "", *words, "--", *argv]
 
 
 def _file_part(value: str) -> str:

@@ -306,7 +306,8 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             env["TERM"] = self._term
         if config.pod.signals:
             self._pid_file = pid_file_path(config.pod.pid_dir, self._conn.connection_id, self._id)
-        return wrap_command(self._argv or [], env=env, pid_file=self._pid_file)
+        size = self._size if self._term is not None else None
+        return wrap_command(self._argv or [], env=env, pid_file=self._pid_file, term_size=size)
 
     # -- progress while the Pod starts ------------------------------------
 

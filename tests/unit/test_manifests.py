@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -611,6 +615,66 @@ def test_argv_after_env_is_passed_verbatim(shell: str, tmp_path: Path) -> None:
     argv = wrap_command([sys.executable, "-c", code, *program_args], env={"X": "--"})
     result = run(shell_argv(shell, argv), cwd=tmp_path)
     assert json.loads(result.stdout) == program_args
+
+
+def run_on_a_pty(
+    argv: list[str], size: tuple[int, int] | None = None, path: str | None = None
+) -> bytes:
+    """Run ``argv`` with a new pty as stdin, stdout and stderr (``size`` rows, columns
+    set on it first, else the 0x0 a new pty has); everything it wrote there."""
+    master, slave = pty.openpty()
+    try:
+        if size is not None:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
+        env = {"PATH": path if path is not None else os.environ.get("PATH", "/usr/bin:/bin")}
+        proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True
+        )
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every writer has closed the pty
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=20) == 0, out
+        return out
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_pty_wrapper_gives_a_sizeless_terminal_the_clients_size(shell: str) -> None:
+    # What a real node can do: the program starts before the first resize message lands.
+    argv = wrap_command(["stty", "size"], env={"TERM": "xterm"}, term_size=(100, 40))
+    assert run_on_a_pty(shell_argv(shell, argv)) == b"40 100\r\n"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_pty_wrapper_keeps_a_size_already_applied(shell: str) -> None:
+    # The runtime applied a resize first (perhaps a newer size than the request's).
+    argv = wrap_command(["stty", "size"], term_size=(100, 40))
+    assert run_on_a_pty(shell_argv(shell, argv), size=(50, 120)) == b"50 120\r\n"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_pty_wrapper_without_stty_runs_the_program(shell: str, tmp_path: Path) -> None:
+    code = "import os; print('ran', os.get_terminal_size(0))"
+    argv = wrap_command([sys.executable, "-c", code], term_size=(100, 40))
+    out = run_on_a_pty(shell_argv(shell, argv), path=str(tmp_path))
+    assert out == b"ran os.terminal_size(columns=0, lines=0)\r\n"
+
+
+@pytest.mark.parametrize("size", [(0, 40), (100, -1), (True, 40), (1.5, 2)])
+def test_wrap_rejects_a_bad_terminal_size(size: Any) -> None:
+    with pytest.raises(ValueError, match="invalid terminal size"):
+        wrap_command(["p"], term_size=size)
 
 
 @pytest.mark.parametrize("shell", SHELLS)
