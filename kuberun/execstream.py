@@ -156,6 +156,7 @@ class ExecStream(asyncio.BufferedProtocol):
         self._done: asyncio.Future[ExecResult] = asyncio.get_running_loop().create_future()
         self._ping_handle: asyncio.TimerHandle | None = None
         self._rx_seen = True
+        self._ping_sent = False
         self._stdin_closed = False
         # stdin written after the first write of an event-loop iteration waits
         # here and goes out together: fewer, larger frames, one TLS write and one
@@ -449,16 +450,30 @@ class ExecStream(asyncio.BufferedProtocol):
             self._ping_handle = loop.call_later(self._ping_interval, self._ping_tick)
 
     def _ping_tick(self) -> None:
+        # A ping goes out only after an interval with nothing received, and never
+        # while output is paused. Anything sent towards a node that has finished
+        # the exec can cost its output: the kubelet closes the connection right
+        # after the status, and a ping reaching it after that (or still unread
+        # then) makes its kernel answer with a reset that discards what it had
+        # not sent yet, the end of the output and the status. A node's send queue
+        # stays full while a slow client holds the output back, so pings sent
+        # then (not needed: data arriving proves the connection lives, and while
+        # paused we could not read the pong) were what lost those ends.
         self._ping_handle = None
         if self._finished or self._transport is None:
             return
-        if not self._rx_seen and not self._output_paused:
+        if self._output_paused:
+            self._ping_sent = False  # we are not reading, so silence proves nothing
+        elif self._rx_seen:
+            self._rx_seen = False
+            self._ping_sent = False
+        elif self._ping_sent:
             # Nothing at all (not even a pong) for a whole interval after a ping.
-            # (While output is paused we are not reading, so silence proves nothing.)
             self._fail(ExecStreamLost("API server stopped answering WebSocket pings"))
             return
-        self._rx_seen = False
-        self._send(self._encoder.ping(b""))
+        else:
+            self._ping_sent = True
+            self._send(self._encoder.ping(b""))
         self._arm_ping()
 
     def _cancel_ping(self) -> None:

@@ -142,3 +142,63 @@ async def test_an_upgrade_arriving_after_the_opener_gave_up_is_dropped() -> None
         loop.set_exception_handler(None)
     assert seen == [] and aborted == [True]
     assert stream.protocol == "" and not stream.finished
+
+
+class _Closable(_Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _pings(transport: _Transport) -> int:
+    return sum(op == 0x9 for w in transport.writes for op, _, _ in parse_client_frames(w))
+
+
+async def test_pings_only_after_a_silent_interval_and_never_while_paused() -> None:
+    # Anything sent to a node that has just ended the exec can make it reset the
+    # connection and lose the end of the output: no ping while output arrives (it
+    # proves the connection lives) or while it is paused (a backed-up node).
+    stream = ExecStream(_Discard(), "key", ping_interval=3600)
+    transport = _Closable()
+    stream.connection_made(transport)  # type: ignore[arg-type]
+    stream.protocol = "v5.channel.k8s.io"
+    stream._decoder = stream._new_decoder(stream.protocol)
+    frame = bytes([0x82, 4]) + b"\x01out"  # a server's stdout message
+
+    def receive() -> None:
+        buf = stream.get_buffer(len(frame))
+        buf[: len(frame)] = frame
+        stream.buffer_updated(len(frame))
+
+    try:
+        for _ in range(3):  # output flows: no pings
+            receive()
+            stream._ping_tick()
+        assert _pings(transport) == 0
+        stream.pause_output()
+        for _ in range(3):  # paused for several intervals: still none, and no failure
+            stream._ping_tick()
+        assert _pings(transport) == 0 and not stream.finished
+        stream.resume_output()
+        stream._ping_tick()  # the interval after resuming counts as heard from
+        stream._ping_tick()  # a silent interval: one ping
+        assert _pings(transport) == 1
+        receive()  # the pong (or anything) answers it
+        stream._ping_tick()
+        stream._ping_tick()  # silent again: a second ping
+        assert _pings(transport) == 2 and not stream.finished
+        stream._ping_tick()  # nothing for a whole interval after it: the stream is lost
+        assert stream.finished
+        result = await stream.wait()
+        assert result.error is not None and "stopped answering" in str(result.error)
+    finally:
+        stream._cancel_ping()
