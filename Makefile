@@ -95,7 +95,8 @@ REAL_TESTS ?= tests/integration/test_gateway_core.py tests/integration/test_sess
 	tests/integration/test_cli.py tests/integration/test_exit_after_output.py \
 	tests/integration/test_backpressure.py tests/integration/test_security.py \
 	tests/integration/test_hostile_clients.py tests/integration/test_real_cluster.py \
-	tests/integration/test_fidelity.py tests/integration/test_deploy.py
+	tests/integration/test_fidelity.py tests/integration/test_deploy.py \
+	tests/integration/test_workspaces.py tests/integration/test_workspaces_replicas.py
 .PHONY: test-real chaos-real
 test-real: build
 	./scripts/with-realcluster $(REALCLUSTER_DIR) env KUBERUN_REQUIRE_EXTENSIONS=1 \

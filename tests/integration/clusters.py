@@ -111,6 +111,10 @@ class TestCluster:
         """Delete a Pod without a grace period (test clean-up; 404 is fine)."""
         raise NotImplementedError
 
+    async def leases(self) -> list[Obj]:
+        """Every Lease object in the test's namespace."""
+        raise NotImplementedError
+
     def kubernetes_config(self, kubeconfig: Path) -> Obj:
         """The gateway config's ``kubernetes`` section for the kubeconfig written above."""
         return {"kubeconfig": str(kubeconfig), "context": self.context, "namespace": self.namespace}
@@ -149,6 +153,9 @@ class DevTestCluster(TestCluster):
     async def delete_pod_now(self, name: str) -> None:
         with contextlib.suppress(Exception):
             await self._cluster.registry.delete(self.namespace, name, {"gracePeriodSeconds": 0})
+
+    async def leases(self) -> list[Obj]:
+        return self._cluster.lease_list(self.namespace)
 
 
 class RealTestCluster(TestCluster):
@@ -273,6 +280,12 @@ class RealTestCluster(TestCluster):
 
     async def pods(self) -> list[Obj]:
         resp: Any = await self.core.list_namespaced_pod(self.namespace, _preload_content=False)
+        items: list[Obj] = json.loads(await resp.read())["items"]
+        return items
+
+    async def leases(self) -> list[Obj]:
+        coordination = k8s.CoordinationV1Api(self.api_client)
+        resp: Any = await coordination.list_namespaced_lease(self.namespace, _preload_content=False)
         items: list[Obj] = json.loads(await resp.read())["items"]
         return items
 
