@@ -265,6 +265,7 @@ class PortForwardSession:
                 if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
                     return  # CLOSE (aiohttp answered it), CLOSED, ERROR
                 data: bytes = msg.data
+                payload: bytes | memoryview
                 if not data:
                     continue
                 if self.base64:
@@ -275,7 +276,8 @@ class PortForwardSession:
                         continue
                 else:
                     channel = data[0]
-                    payload = data[1:]
+                    # A view, not data[1:]: that would copy every message once more.
+                    payload = memoryview(data)[1:]
                 index, odd = divmod(channel, 2)
                 if odd or not 0 <= index < len(self.ports) or not payload:
                     continue
