@@ -13,14 +13,21 @@ processes of their own on uvloop, with the same host key, ciphers and auth
 order each round:
 
 1. throughput down (target → client) and up, N bytes over one forwarded
-   connection, with the server's CPU (and devcluster's, which on a real node is
-   the kubelet's and the API server's) per GiB;
+   connection, with the CPU per GiB of every process that shares the machine's
+   cores: the server, devcluster (on a real node: the kubelet's and the API
+   server's), the ssh client, the target and this process (the local end);
 2. latency: 1-byte round trips through the forward (median, p99).
+
+The CPU ceiling is the fastest those costs allow on the machine's cores: all
+the processes together get at most one CPU-second per core per second, each
+at most one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import socket
 import statistics
 import struct
@@ -32,10 +39,12 @@ from .procstat import cpu_seconds
 from .run import Bench, bench_dir, log, parse_size
 from .services import PY, Service, ssh_base
 
-__all__ = ["echo_rtts", "main", "move"]
+__all__ = ["cpu_ceiling", "echo_rtts", "main", "move"]
 
 GIB = 1 << 30
 CHUNK = 1 << 20
+#: CPU per GiB recorded for each process of a transfer (sample keys).
+PROCESSES = ("server_cpu", "cluster_cpu", "client_cpu", "target_cpu", "local_cpu")
 
 
 @dataclass
@@ -120,17 +129,37 @@ def move(port: int, direction: str, size: int) -> float:
     return seconds
 
 
-def transfer(forward: Forward, direction: str, size: int, cluster_cpu: float) -> dict[str, float]:
-    """One transfer through ``forward``; wall time and CPU deltas."""
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def transfer(forward: Forward, direction: str, size: int, target: Service) -> dict[str, float]:
+    """One transfer through ``forward``; wall time and CPU deltas (devcluster's is
+    filled in by the caller)."""
     s0, k0 = forward.cpu()
+    t0, l0 = target.cpu(), _own_cpu()
     seconds = move(forward.local_port, direction, size)
     s1, k1 = forward.cpu()
+    t1, l1 = target.cpu(), _own_cpu()
     return {
         "seconds": seconds,
         "server_cpu": s1 - s0,
         "client_cpu": k1 - k0,
-        "cluster_cpu": cluster_cpu,
+        "cluster_cpu": 0.0,
+        "target_cpu": t1 - t0,
+        "local_cpu": l1 - l0,
     }
+
+
+def cpu_ceiling(per_gib: list[float], cores: int) -> float:
+    """MB/s that CPU costs of ``per_gib`` (seconds per GiB, one per process) allow on
+    ``cores`` cores, each process on at most one of them."""
+    total = sum(per_gib)
+    busiest = max(per_gib)
+    if total <= 0:
+        return float("inf")
+    return min(cores / total, 1 / busiest) * GIB / 1e6
 
 
 def echo_rtts(port: int, count: int) -> list[float]:
@@ -149,25 +178,38 @@ def echo_rtts(port: int, count: int) -> list[float]:
     return times
 
 
+def _per_gib(samples: list[dict[str, float]], key: str, size: int) -> float:
+    return statistics.median(s[key] * GIB / size for s in samples)
+
+
 def _table(forwards: list[Forward], size: int) -> None:
     direct = next(f for f in forwards if f.name == "direct")
+    cores = os.cpu_count() or 1
     print(f"\n-L throughput, {size / (1 << 20):.0f} MiB per transfer, medians of the rounds")
     print(
-        f"{'target':8} {'dir':4} {'MB/s':>7} {'ratio':>6} {'server s/GiB':>13} "
-        f"{'+cluster s/GiB':>15} {'CPU ratio':>10}"
+        "CPU s/GiB of each process (server, devcluster, ssh client, target, local end); "
+        f"ceiling: the MB/s those costs allow on {cores} cores"
+    )
+    print(
+        f"{'target':8} {'dir':4} {'MB/s':>7} {'ratio':>6} {'server':>7} {'x dir':>6} "
+        f"{'cluster':>8} {'ssh':>6} {'target':>7} {'local':>6} {'all':>6} "
+        f"{'ceiling':>8} {'c.ratio':>8}"
     )
     for direction in ("down", "up"):
         ref = direct.samples[direction]
         ref_mbs = statistics.median(size / s["seconds"] / 1e6 for s in ref)
-        ref_cpu = statistics.median(s["server_cpu"] * GIB / size for s in ref)
+        ref_cpu = _per_gib(ref, "server_cpu", size)
+        ref_ceiling = cpu_ceiling([_per_gib(ref, k, size) for k in PROCESSES], cores)
         for f in forwards:
             got = f.samples[direction]
             mbs = statistics.median(size / s["seconds"] / 1e6 for s in got)
-            cpu = statistics.median(s["server_cpu"] * GIB / size for s in got)
-            both = statistics.median((s["server_cpu"] + s["cluster_cpu"]) * GIB / size for s in got)
+            costs = [_per_gib(got, k, size) for k in PROCESSES]
+            ceiling = cpu_ceiling(costs, cores)
+            cells = " ".join(f"{c:{w}.2f}" for c, w in zip(costs[1:], (8, 6, 7, 6), strict=True))
             print(
-                f"{f.name:8} {direction:4} {mbs:7.0f} {mbs / ref_mbs:6.2f} {cpu:13.2f} "
-                f"{both:15.2f} {cpu / ref_cpu:10.2f}"
+                f"{f.name:8} {direction:4} {mbs:7.0f} {mbs / ref_mbs:6.2f} {costs[0]:7.2f} "
+                f"{costs[0] / ref_cpu:6.2f} {cells} {sum(costs):6.2f} "
+                f"{ceiling:8.0f} {ceiling / ref_ceiling:8.2f}"
             )
     print("\n1-byte echo through -L (ms)")
     print(f"{'target':8} {'median':>7} {'p90':>7} {'p99':>7} {'added':>7}")
@@ -204,13 +246,16 @@ def main(argv: list[str] | None = None) -> int:
                 forwards.append(
                     start_forward(bench, relay, bench.gateway(relay), target.port, True)
                 )
-            log(f"forward: {len(forwards)} forwards; {args.rounds} rounds of {args.size} bytes")
+            log(
+                f"forward: {len(forwards)} forwards; {args.rounds} rounds of {args.size} bytes; "
+                f"load average {os.getloadavg()[0]:.1f}"
+            )
             for rnd in range(args.rounds):
                 order = forwards[rnd % len(forwards) :] + forwards[: rnd % len(forwards)]
                 for direction in ("down", "up"):
                     for f in order:
                         c0 = bench.cluster.cpu()
-                        sample = transfer(f, direction, args.size, 0.0)
+                        sample = transfer(f, direction, args.size, target)
                         sample["cluster_cpu"] = bench.cluster.cpu() - c0 if f.gateway else 0.0
                         f.samples.setdefault(direction, []).append(sample)
                         log(
@@ -220,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             for f in forwards:
                 f.echo_ms = echo_rtts(f.local_port, args.echoes)
             _table(forwards, args.size)
+            print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
         finally:
             for f in forwards:
                 f.ssh.terminate()
