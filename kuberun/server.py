@@ -48,7 +48,7 @@ from .leftovers import JANITOR_INTERVAL, LeftoverJanitor, gateway_id
 from .pods import PodController, PodRef
 from .reaper import Reaper
 from .session import KuberunSession
-from .sshreads import slice_reads
+from .sshpackets import tune_connection
 from .workspace import WorkspaceManager
 
 __all__ = ["Gateway", "SSHServer", "server_options"]
@@ -424,7 +424,7 @@ class SSHServer(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        slice_reads(conn)  # cheaper parsing of bulk input (kuberun.sshreads)
+        tune_connection(conn)  # cheaper bulk data (kuberun.sshpackets)
         peer = conn.get_extra_info("peername")
         self.audit.opened(peer, conn.get_extra_info("sockname"))
         if not self.gateway._startup_begin():
