@@ -24,7 +24,7 @@ from asyncssh.misc import map_handler_name
 __all__ = [
     "EOW_REQUEST",
     "NO_MORE_SESSIONS_REQUEST",
-    "drop_queued_stdout",
+    "drop_queued",
     "on_channel_request",
     "on_global_request",
 ]
@@ -59,11 +59,12 @@ def on_global_request(conn: Any, request: str, handler: Callable[[], bool]) -> N
     setattr(conn, f"_process_{map_handler_name(request)}_global_request", process)
 
 
-def drop_queued_stdout(chan: Any) -> int:
-    """Drop the stdout ``chan`` holds for a client that will discard it; stderr stays
-    queued in order. Returns the number of bytes dropped."""
+def drop_queued(chan: Any, *, stderr: bool = False) -> int:
+    """Drop the output ``chan`` holds for a client that will discard it: its stdout,
+    and with ``stderr`` its stderr too (otherwise stderr stays queued, in order).
+    Returns the number of bytes dropped."""
     queued = chan._send_buf
-    kept = [(data, datatype) for data, datatype in queued if datatype is not None]
+    kept = [] if stderr else [(data, kind) for data, kind in queued if kind is not None]
     if len(kept) == len(queued):
         return 0
     kept_len = sum(len(data) for data, _ in kept)

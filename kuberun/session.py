@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import asyncssh
 
-from .channelhooks import drop_queued_stdout
+from .channelhooks import drop_queued
 from .errors import (
     EXIT_SHUTDOWN,
     CommandStartError,
@@ -412,13 +412,21 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
         the OpenSSH client's stdout broke, e.g. ``| head -1`` ended). As sshd closes the
         program's output pipe: stdout is dropped from now on, what is queued for the
         client included, and the program's group gets SIGPIPE (the exec protocol cannot
-        close stdout alone). stderr goes on. Returns the request's reply."""
+        close stdout alone). stderr goes on while the program runs. Returns the
+        request's reply."""
         if self._eow or self._closed:
             return True
         self._eow = True
         self._log.info("session %s: the client stopped reading output (eow)", self._id)
         if self._chan is not None:
-            drop_queued_stdout(self._chan)
+            if self._exit_pending is None:
+                drop_queued(self._chan)
+            else:
+                # The program has ended, its status waiting for queued output that may
+                # now never go out (see _drop_unread_output): end the session.
+                self._drop_unread_output(self._chan)
+                if self._exit_pending is not None:  # (else resume_writing has sent it)
+                    self._send_exit(self._exit_pending)
         if self._stream is not None:
             self._stop_output(self._stream)
         return True
@@ -506,7 +514,9 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             return
         self._exited = True
         self._publish_bytes()
-        if chan.get_write_buffer_size() > 0:
+        if chan.get_write_buffer_size() > 0 and self._eow:
+            self._drop_unread_output(chan)
+        elif chan.get_write_buffer_size() > 0:
             # asyncssh sends exit-status at once, ahead of the output still queued for
             # a client that reads slowly. Hold the status until that output is out (a
             # zero low-water mark makes asyncssh call resume_writing exactly then), so
@@ -519,6 +529,22 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
                 pass
             return
         self._send_exit(status)
+
+    def _drop_unread_output(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        # After eow the exit status does not wait for queued output (stderr: stdout is
+        # dropped already). The client may never let it out: OpenSSH, when its stdout
+        # breaks, throws away the output it held without reopening the window for it
+        # (chan_shutdown_write), and writes no more stderr once its stdin is closed
+        # too, so a window spent on output it then discarded stays shut. sshd, after
+        # eow, closes the channel as soon as the program has exited, whatever stderr
+        # is still unsent; so does kuberun.
+        dropped = drop_queued(chan, stderr=True)
+        if dropped:
+            self._log.info(
+                "session %s: %d bytes of output the client would not take were dropped",
+                self._id,
+                dropped,
+            )
 
     def abandon(self) -> None:
         """The connection is about to close (gateway shutdown): a session whose exit

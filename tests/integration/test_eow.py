@@ -11,6 +11,7 @@ kuberun must end each case the same way, promptly, with no process left in the P
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pwd
 import signal
@@ -22,6 +23,8 @@ from typing import Any
 
 import asyncssh
 import pytest
+
+from kuberun.channelhooks import EOW_REQUEST
 
 from .conftest import SSH_OPTS, Gateway, wait_for
 from .podprocs import pod_group_gone, program_gone, recorded_group
@@ -136,20 +139,24 @@ async def test_reader_that_stops(gateway: Gateway, command: str, how: str, tty: 
     await ended_as_with_sshd(gateway, *await finish(reader, await stop_reading(reader, how)), pgid)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug: after eow the session sometimes does not end (seen with the pure-Python "
-    "relay when the whole file runs; no kill failure is logged); under investigation",
-)
-async def test_stderr_flows_after_stdout_broke(gateway: Gateway) -> None:
-    # A writer of stderr that survives SIGPIPE keeps writing after the reader of stdout
-    # left: kuberun relays all of it, then ends the session with the status of `yes`,
-    # which SIGPIPE killed. (ssh itself, like with sshd, no longer prints a channel's
-    # stderr once its stdout broke; its debug log shows what arrived.)
-    command = (
-        "(trap '' PIPE; i=0; while [ $i -lt 10 ]; do echo err-$i >&2; i=$((i+1)); "
-        "sleep 0.2; done) & exec yes"
+def stderr_job(n: int) -> str:
+    """A background job writing ``n`` lines to stderr, 0.2 s apart, that survives
+    SIGPIPE (an ignored signal stays ignored in `sleep` too)."""
+    return (
+        f"(trap '' PIPE; i=0; while [ $i -lt {n} ]; do echo err-$i >&2; i=$((i+1)); "
+        "sleep 0.2; done) &"
     )
+
+
+async def test_stderr_flows_after_stdout_broke(gateway: Gateway) -> None:
+    # A writer of stderr keeps writing after the reader of stdout left: kuberun relays
+    # all of it, then ends the session with the status of the program, which SIGPIPE
+    # killed. (ssh itself, like with sshd, no longer prints a channel's stderr once its
+    # stdout broke; its debug log shows what arrived.) stdout comes slowly here, so the
+    # client's window has room when its stdout breaks: what ssh holds for a reader that
+    # is gone it throws away without reopening the window for it, and a window spent
+    # that way (the next test) lets no stderr through.
+    command = f"{stderr_job(10)} exec sh -c 'while :; do echo out; sleep 0.1; done'"
     reader, pgid = await start_watched(gateway, command, extra_opts=["-vv"])
     rc, err, elapsed = await finish(reader, await stop_reading(reader, "head -c 10"))
     await ended_as_with_sshd(gateway, rc, err, elapsed, pgid)
@@ -160,10 +167,49 @@ async def test_stderr_flows_after_stdout_broke(gateway: Gateway) -> None:
     relayed_later = sum(
         int(line.rsplit(" ", 1)[1]) for line in after_eow if "rcvd ext data" in line
     )
-    assert len("".join(f"{line}\n" for line in shown)) + relayed_later == len(
-        "".join(f"err-{i}\n" for i in range(10))
-    ), log
+    relayed = len("".join(f"{line}\n" for line in shown)) + relayed_later
+    assert relayed == len("".join(f"err-{i}\n" for i in range(10))), log
     assert relayed_later > 0
+
+
+async def test_stderr_queued_when_the_window_is_spent(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing reads for 2 s: ssh's window fills with output it then throws away when
+    # its stdout breaks, and it never reopens that window; the stderr still flowing
+    # queues up behind it. As sshd (which closes the channel once the program is gone
+    # after eow), kuberun ends the session when the program ends, dropping that stderr,
+    # instead of holding the exit status for output that cannot go out.
+    caplog.set_level(logging.INFO, logger="kuberun")
+    reader, pgid = await start_watched(gateway, f"{stderr_job(15)} exec yes")
+    rc, err, elapsed = await finish(reader, await stop_reading(reader, "sleep 2"))
+    await ended_as_with_sshd(gateway, rc, err, elapsed, pgid)
+    assert "of output the client would not take were dropped" in caplog.text
+
+
+async def test_exit_held_for_queued_output_goes_out_on_eow(gateway: Gateway) -> None:
+    # The program has ended and its status waits for the output queued behind a shut
+    # window; then the client says it cannot write that output (eow) and keeps its
+    # window shut, as ssh does. The status goes out at once, the queued output dropped.
+    pid_dir = gateway.workdir / "pids"
+    async with gateway.asyncssh_connect() as conn:
+        before = os.listdir(pid_dir)
+        chan, _ = await conn.create_session(
+            asyncssh.SSHClientSession,
+            "head -c 40000 /dev/zero; echo err >&2",
+            encoding=None,
+            window=1000,
+        )
+        chan.pause_reading()  # the window stays shut: 1000 bytes, never adjusted
+        pgid = await recorded_group(pid_dir, before)
+        await wait_for(pod_group_gone(conn, pgid), 20, "the program is still running")
+        await asyncio.sleep(1)  # time for the exec's status to reach the gateway
+        assert chan.get_exit_status() is None  # held for the queued output
+        chan._send_request(EOW_REQUEST.encode())  # as OpenSSH sends it: no reply wanted
+        await wait_for(lambda: chan.get_exit_status() is not None, 10, "no exit status")
+        assert chan.get_exit_status() == 0
+        chan.resume_reading()
+        await asyncio.wait_for(chan.wait_closed(), 10)
 
 
 async def test_client_killed_while_its_window_is_closed(gateway: Gateway) -> None:

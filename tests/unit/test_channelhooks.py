@@ -19,7 +19,7 @@ import pytest
 from kuberun.channelhooks import (
     EOW_REQUEST,
     NO_MORE_SESSIONS_REQUEST,
-    drop_queued_stdout,
+    drop_queued,
     on_channel_request,
     on_global_request,
 )
@@ -149,7 +149,7 @@ async def test_no_more_sessions_is_answered_and_the_queue_moves_on(pair: Pair) -
     assert events == ["no-more-sessions"] * 2
 
 
-async def test_drop_queued_stdout_keeps_stderr(pair: Pair) -> None:
+async def test_drop_queued_keeps_stderr(pair: Pair) -> None:
     conn, events, sessions = pair
     received: list[tuple[bytes, Any]] = []
 
@@ -168,12 +168,38 @@ async def test_drop_queued_stdout_keeps_stderr(pair: Pair) -> None:
     await asyncio.sleep(0.2)
     queued = server_chan.get_write_buffer_size()
     assert queued > 0
-    dropped = drop_queued_stdout(server_chan)
+    dropped = drop_queued(server_chan)
     assert server_chan.get_write_buffer_size() == 4 and dropped == queued - 4
-    assert drop_queued_stdout(server_chan) == 0
+    assert drop_queued(server_chan) == 0
     chan.resume_reading()
     await _until(lambda: b"e2" in [d for d, _ in received])
     stderr = b"".join(d for d, t in received if t == asyncssh.EXTENDED_DATA_STDERR)
     stdout = b"".join(d for d, t in received if t is None)
     assert stderr == b"e1e2"
     assert stdout == b"o" * len(stdout) and len(stdout) <= 1000  # what the window let out
+
+
+async def test_drop_queued_with_stderr_drops_all_and_lets_the_close_out(pair: Pair) -> None:
+    conn, events, sessions = pair
+    received: list[tuple[bytes, Any]] = []
+
+    class Client(asyncssh.SSHClientSession[bytes]):
+        def data_received(self, data: bytes, datatype: Any) -> None:
+            received.append((data, datatype))
+
+    chan, _ = await conn.create_session(Client, "cmd", encoding=None, window=1000)
+    await _until(lambda: "started" in events)
+    server_chan = sessions[0].chan
+    chan.pause_reading()  # the client's window stays closed
+    server_chan.write(b"o" * 5000)
+    server_chan.write_stderr(b"e1")
+    server_chan.exit(0)  # the close waits behind the queued output
+    await asyncio.sleep(0.2)
+    assert server_chan._send_state == "close_pending"
+    assert drop_queued(server_chan, stderr=True) == 5002 - 1000
+    assert server_chan.get_write_buffer_size() == 0
+    assert server_chan._send_state == "closed"  # the close went out with the drop
+    chan.resume_reading()
+    await asyncio.wait_for(chan.wait_closed(), 10)
+    assert chan.get_exit_status() == 0
+    assert b"".join(d for d, _ in received) == b"o" * 1000  # what the window let out
