@@ -149,18 +149,27 @@ async def test_no_more_sessions_is_answered_and_the_queue_moves_on(pair: Pair) -
     assert events == ["no-more-sessions"] * 2
 
 
-async def test_drop_queued_keeps_stderr(pair: Pair) -> None:
+class _Received(asyncssh.SSHClientSession[bytes]):
+    def __init__(self) -> None:
+        self.data: list[tuple[bytes, Any]] = []
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.data.append((data, datatype))
+
+
+async def _shut_window(pair: Pair) -> tuple[Any, Any, _Received]:
+    """A session whose client keeps its 1000-byte window shut: its client channel,
+    the server's channel and what the client received."""
     conn, events, sessions = pair
-    received: list[tuple[bytes, Any]] = []
-
-    class Client(asyncssh.SSHClientSession[bytes]):
-        def data_received(self, data: bytes, datatype: Any) -> None:
-            received.append((data, datatype))
-
-    chan, _ = await conn.create_session(Client, "cmd", encoding=None, window=1000)
+    chan, client = await conn.create_session(_Received, "cmd", encoding=None, window=1000)
     await _until(lambda: "started" in events)
-    server_chan = sessions[0].chan
     chan.pause_reading()  # the client's window stays closed
+    return chan, sessions[0].chan, client
+
+
+async def test_drop_queued_keeps_stderr(pair: Pair) -> None:
+    chan, server_chan, client = await _shut_window(pair)
+    received = client.data
     server_chan.write(b"o" * 5000)
     server_chan.write_stderr(b"e1")
     server_chan.write(b"o" * 5000)
@@ -180,17 +189,7 @@ async def test_drop_queued_keeps_stderr(pair: Pair) -> None:
 
 
 async def test_drop_queued_with_stderr_drops_all_and_lets_the_close_out(pair: Pair) -> None:
-    conn, events, sessions = pair
-    received: list[tuple[bytes, Any]] = []
-
-    class Client(asyncssh.SSHClientSession[bytes]):
-        def data_received(self, data: bytes, datatype: Any) -> None:
-            received.append((data, datatype))
-
-    chan, _ = await conn.create_session(Client, "cmd", encoding=None, window=1000)
-    await _until(lambda: "started" in events)
-    server_chan = sessions[0].chan
-    chan.pause_reading()  # the client's window stays closed
+    chan, server_chan, client = await _shut_window(pair)
     server_chan.write(b"o" * 5000)
     server_chan.write_stderr(b"e1")
     server_chan.exit(0)  # the close waits behind the queued output
@@ -202,4 +201,4 @@ async def test_drop_queued_with_stderr_drops_all_and_lets_the_close_out(pair: Pa
     chan.resume_reading()
     await asyncio.wait_for(chan.wait_closed(), 10)
     assert chan.get_exit_status() == 0
-    assert b"".join(d for d, _ in received) == b"o" * 1000  # what the window let out
+    assert b"".join(d for d, _ in client.data) == b"o" * 1000  # what the window let out
