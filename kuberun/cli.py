@@ -70,19 +70,16 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 async def _serve(config: Config) -> int:
     from .gateway import GatewayRunner
-    from .janitor import Janitor, gateway_pod
-    from .leftovers import gateway_id
+    from .janitor import PodOwnership, gateway_id, gateway_pod
 
     api_client = await make_api_client(config.kubernetes)
     try:
-        name = gateway_id(config)
-        janitor = Janitor(config, api_client, gateway_pod(), name)
-        runner = GatewayRunner(janitor.config, api_client, owner=janitor.owner, name=name)
-        await janitor.start()
-        try:
-            await runner.run()
-        finally:
-            await janitor.close()
+        # The janitor (started with the gateway) collects what this gateway leaves.
+        ownership = PodOwnership(config, gateway_pod())
+        runner = GatewayRunner(
+            ownership.config, api_client, ownership=ownership, name=gateway_id(config)
+        )
+        await runner.run()
     finally:
         await api_client.close()
     return 0

@@ -310,7 +310,7 @@ class KubernetesConfig:
     API server's certificate (logged as a warning at every start).
     ``ping_interval`` is the seconds between WebSocket pings on exec streams.
     ``gateway_id`` names this gateway instance in the ``kuberun.io/gateway``
-    label of its Pods (None: derived, see :func:`kuberun.leftovers.gateway_id`).
+    label of its Pods (None: derived, see :func:`kuberun.janitor.gateway_id`).
     """
 
     kubeconfig: str | None = None

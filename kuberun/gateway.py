@@ -19,7 +19,7 @@ import asyncssh
 from kubernetes_asyncio import client as k8s
 
 from .config import Config
-from .leftovers import JANITOR_INTERVAL
+from .janitor import JANITOR_INTERVAL, PodOwnership
 from .metrics import Metrics, start_metrics_server
 from .preflight import check_host_key, check_serving
 from .server import Gateway, SSHServer, server_options
@@ -134,6 +134,7 @@ class GatewayRunner:
         extra_authorized_keys: str | None = None,
         server_factory: Callable[[Gateway], SSHServer] | None = None,
         owner: dict[str, str] | None = None,
+        ownership: PodOwnership | None = None,
         name: str | None = None,
         audit: Any = None,
         janitor_interval: float = JANITOR_INTERVAL,
@@ -142,7 +143,13 @@ class GatewayRunner:
         self._janitor_interval = janitor_interval
         self.metrics = Metrics()
         self.gateway = Gateway(
-            config, api_client, metrics=self.metrics, owner=owner, name=name, audit=audit
+            config,
+            api_client,
+            metrics=self.metrics,
+            owner=owner,
+            ownership=ownership,
+            name=name,
+            audit=audit,
         )
         self._password = password
         self._extra_keys = extra_authorized_keys

@@ -28,8 +28,8 @@ from .config import Config
 from .errors import PodStartError
 from .execstream import ExecConnector
 from .forward import ForwardChannel
+from .janitor import gateway_id
 from .lease import PodLease
-from .leftovers import gateway_id
 from .manifests import LABEL_SESSION_ID, build_pod, id_label_value, managed_selector
 from .pods import PodController, PodRef
 from .reaper import Reaper
@@ -98,7 +98,7 @@ def new(
     :param metrics: optional :class:`~kuberun.metrics.Metrics` for the rest
     :param client_address: recorded in a Pod annotation
     :param gateway: gateway instance id, recorded in the ``kuberun.io/gateway``
-        label (default: :func:`kuberun.leftovers.gateway_id` of ``config``)
+        label (default: :func:`kuberun.janitor.gateway_id` of ``config``)
     :param owner: ``ownerReference`` fields (apiVersion, kind, name, uid) for the Pod
     :param track: receives background tasks (Pod deletions, signal execs) so
         the caller can wait for them on shutdown

@@ -20,8 +20,8 @@ deletion first fails and then at a low rate while debts remain. On shutdown,
 leaves, so the gateway can say so.
 
 The reaper keeps no state outside the process: what a gateway leaves when it
-is killed is found by the janitor (:mod:`kuberun.leftovers`) of its next run,
-through the gateway-instance label every Pod carries.
+is killed is found by the janitor (:mod:`kuberun.janitor`) of its next run,
+through the gateway-instance label every Pod carries, which owes it here too.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from .channelhooks import (
 from .config import Config
 from .forward import open_forward, refuse_listener, refuse_unix
 from .handler import NetworkHandler, SSHConnectionHandler, new
-from .leftovers import JANITOR_INTERVAL, LeftoverJanitor, gateway_id
+from .janitor import JANITOR_INTERVAL, Janitor, PodOwnership, gateway_id
 from .pods import PodController, PodRef
 from .reaper import Reaper
 from .session import KuberunSession
@@ -127,9 +127,13 @@ class Gateway:
     open or deletions owed, gets a warning in the log at exit.
 
     :param name: the gateway instance id in the ``kuberun.io/gateway`` label
-        (default: ``kubernetes.gateway_id``, see :func:`kuberun.leftovers.gateway_id`)
+        (default: ``kubernetes.gateway_id``, see :func:`kuberun.janitor.gateway_id`)
     :param owner: ``ownerReference`` for user Pods (the gateway's own Pod when
         it runs in a cluster), so Kubernetes collects them if the gateway dies
+        (default: that of ``ownership``)
+    :param ownership: how user Pods are tied to the gateway's own Pod, when it runs in
+        one (:class:`~kuberun.janitor.PodOwnership`); in the cross-namespace layout the
+        janitor also deletes the Pods of vanished gateway Pods
     :param audit: an :class:`~kuberun.audit.Audit`, or a sink for the audit events
         (an :class:`~kuberun.audit.AuditSink` or a callable taking the event dict)
         in place of the events file; by default the ``audit`` config section decides
@@ -144,6 +148,7 @@ class Gateway:
         logger: logging.Logger | None = None,
         name: str | None = None,
         owner: Mapping[str, str] | None = None,
+        ownership: PodOwnership | None = None,
         audit: Audit | AuditSink | Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         self.config = config
@@ -151,7 +156,7 @@ class Gateway:
         self.metrics = metrics
         self.logger = logger or _log
         self.name = name or gateway_id(config)
-        self.owner = owner
+        self.owner = owner if owner is not None or ownership is None else ownership.owner
         self.audit = (
             audit
             if isinstance(audit, Audit)
@@ -170,8 +175,8 @@ class Gateway:
             logger=self.logger,
             metrics=metrics,
         )
-        #: Finds what an earlier run of this gateway left (see kuberun.leftovers).
-        self.janitor = LeftoverJanitor(
+        #: Finds the Pods nobody else will delete (see kuberun.janitor).
+        self.janitor = Janitor(
             controller,
             self.reaper,
             config.kubernetes.namespace,
@@ -179,11 +184,11 @@ class Gateway:
             live=self.connection_ids,
             list_timeout=config.timeouts.pod_stop,
             logger=self.logger,
+            ownership=ownership,
         )
         self._drained = False
         self._exit_hook = _undrained_warning(self)
         atexit.register(self._exit_hook)
-        self._janitor_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._servers: set[SSHServer] = set()
         self._prefix = secrets.token_hex(3)
@@ -240,24 +245,21 @@ class Gateway:
         return {server.connection_id for server in self._servers}
 
     async def start(self, janitor_interval: float = JANITOR_INTERVAL) -> bool:
-        """Look for Pods an earlier run of this gateway left, then every
-        ``janitor_interval`` seconds. Returns False (and logs a warning) when
-        the API server cannot be reached now: the gateway still serves, as the
-        cluster may come up later.
+        """Start the janitor: look for Pods an earlier run of this gateway left,
+        then every ``janitor_interval`` seconds (and, in the cross-namespace
+        layout, for Pods of vanished gateways). Returns False (and logs a warning)
+        when the API server cannot be reached now: the gateway still serves, as
+        the cluster may come up later.
         """
-        reachable = await self.janitor.round(min(self.config.timeouts.pod_stop, _START_CHECK))
+        reachable = await self.janitor.start(
+            janitor_interval, min(self.config.timeouts.pod_stop, _START_CHECK)
+        )
         if not reachable:
             self.logger.warning(
                 "the Kubernetes API server cannot be reached now; serving anyway, "
                 "logins wait for it (up to timeouts.pod_start)"
             )
-        self._janitor_task = asyncio.ensure_future(self._janitor_rounds(janitor_interval))
         return reachable
-
-    async def _janitor_rounds(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            await self.janitor.round()
 
     @property
     def connections(self) -> int:
@@ -316,9 +318,7 @@ class Gateway:
         self.closing = True
         self._drained = True
         atexit.unregister(self._exit_hook)
-        if self._janitor_task is not None:
-            self._janitor_task.cancel()
-            await asyncio.gather(self._janitor_task, return_exceptions=True)
+        await self.janitor.stop()
         for server in list(self._servers):
             server.shutdown(message)
         # Let the exit statuses, and the output of programs that had already ended,

@@ -54,9 +54,7 @@ async def serve(args: argparse.Namespace) -> int:
         # Before the port is announced: a SIGTERM right after it is then a shutdown.
         runner.install_signal_handlers()
         if args.janitor:
-            from kuberun.janitor import Janitor
-
-            await Janitor(config, api_client, None, args.name).collect_leftovers()
+            await runner.gateway.janitor.collect_leftovers()
         print(f"PORT {runner.port}", flush=True)
         await runner.wait_stopped()
         await runner.close()

@@ -1,4 +1,4 @@
-"""The janitor for user Pods in a namespace other than the gateway's (kuberun/janitor.py).
+"""The janitor's sweep for user Pods in a namespace other than the gateway's (kuberun/janitor.py).
 
 The real cluster's version (a gateway Pod SIGKILLed and force-deleted, its user Pods collected
 by the other replica) is tests/integration/test_deploy.py; here the sweep's choices, on
@@ -14,20 +14,38 @@ from typing import Any, cast
 import pytest
 from kubernetes_asyncio import client as k8s
 
-from kuberun.config import config_from_dict, make_api_client
+from kuberun.config import Config, config_from_dict, make_api_client
 from kuberun.devcluster import DevCluster
 from kuberun.janitor import (
     ANNOTATION_GATEWAY_POD,
     ANNOTATION_GATEWAY_POD_UID,
     GatewayPod,
     Janitor,
+    PodOwnership,
 )
 from kuberun.manifests import LABEL_MANAGED_BY
+from kuberun.pods import PodController
+from kuberun.reaper import Reaper
 from kuberun.workspace import LABEL_MODE
 
 pytestmark = pytest.mark.devcluster_only
 
 SPEC = {"containers": [{"name": "shell", "image": "x", "command": ["sleep", "3600"]}]}
+
+
+def janitor_of(api_client: k8s.ApiClient, config: Config, pod: GatewayPod) -> Janitor:
+    """The janitor a gateway in ``pod`` runs, with its own to-delete list."""
+    controller = PodController(api_client, logger=logging.getLogger("kuberun"))
+    reaper = Reaper(controller, attempt_timeout=config.timeouts.pod_stop)
+    return Janitor(
+        controller,
+        reaper,
+        config.kubernetes.namespace,
+        pod.name,
+        live=set,
+        list_timeout=config.timeouts.pod_stop,
+        ownership=PodOwnership(config, pod),
+    )
 
 
 async def test_sweep_deletes_only_pods_whose_gateway_pod_is_gone(
@@ -82,11 +100,10 @@ async def test_sweep_deletes_only_pods_whose_gateway_pod_is_gone(
                 annotations=owned_by("gw/gateway-gone", "u-gone"),
             )
 
-            janitor = Janitor(
-                config, api_client, GatewayPod("gateway-live", live_uid, "gw"), "gateway-live"
-            )
+            janitor = janitor_of(api_client, config, GatewayPod("gateway-live", live_uid, "gw"))
+            assert janitor.vanished is not None
             with caplog.at_level(logging.INFO, logger="kuberun"):
-                assert await janitor.sweep() == 2
+                assert await janitor.vanished.sweep() == 2
             left = await api.list_namespaced_pod("users")
             names = {p.metadata.name for p in left.items if not p.metadata.deletion_timestamp}
             assert names == {"of-live", "unannotated", "not-ours", "workspace"}
@@ -110,18 +127,18 @@ async def test_start_warns_when_the_janitor_cannot_work(
         try:
             dev.faults.fail(403, verb="get", count=None, reason="Forbidden")
             with caplog.at_level(logging.INFO, logger="kuberun"):
-                janitor = Janitor(config, api_client, GatewayPod("g", "u", "gw"), "g")
+                janitor = janitor_of(api_client, config, GatewayPod("g", "u", "gw"))
                 await janitor.start()
-                assert janitor._task is None  # no sweeping without the owner check
-                await janitor.close()
+                assert janitor.vanished is None  # no sweeping without the owner check
+                await janitor.stop()
                 assert "may not read Pods in namespace 'gw'" in caplog.text
                 assert "kuberun-janitor" in caplog.text
 
                 caplog.clear()
-                unknown = Janitor(config, api_client, GatewayPod("g", "u", None), "g")
+                unknown = janitor_of(api_client, config, GatewayPod("g", "u", None))
                 await unknown.start()
-                assert unknown.owner is not None
+                assert PodOwnership(config, GatewayPod("g", "u", None)).owner is not None
                 assert "cannot tell which namespace this gateway's Pod is in" in caplog.text
-                await unknown.close()
+                await unknown.stop()
         finally:
             await api_client.close()

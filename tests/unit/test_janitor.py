@@ -12,12 +12,10 @@ from kuberun.janitor import (
     ANNOTATION_GATEWAY_POD,
     ANNOTATION_GATEWAY_POD_UID,
     GatewayPod,
-    Janitor,
+    PodOwnership,
     gateway_pod,
 )
 from kuberun.manifests import build_pod
-
-API = object()  # never called: the decisions are made without the API
 
 
 def config(**pod: object) -> Config:
@@ -37,7 +35,7 @@ def test_gateway_pod_from_the_downward_api(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_same_namespace_owner_reference() -> None:
-    j = Janitor(config(), API, GatewayPod("g", "u", "users"), "g")
+    j = PodOwnership(config(), GatewayPod("g", "u", "users"))
     assert j.owner == {"apiVersion": "v1", "kind": "Pod", "name": "g", "uid": "u"}
     assert not j.cross_namespace
     pod = build_pod(j.config.pod, connection_id="c", username="alice", owner=j.owner)
@@ -46,13 +44,13 @@ def test_same_namespace_owner_reference() -> None:
 
 
 def test_unknown_namespace_is_taken_as_the_same() -> None:
-    j = Janitor(config(), API, GatewayPod("g", "u", None), "g")
+    j = PodOwnership(config(), GatewayPod("g", "u", None))
     assert j.owner is not None and not j.cross_namespace
 
 
 def test_other_namespace_annotations_not_owner_reference() -> None:
     base = config(metadata={"generateName": "x-", "annotations": {"team": "a"}})
-    j = Janitor(base, API, GatewayPod("g", "u", "gw"), "g")
+    j = PodOwnership(base, GatewayPod("g", "u", "gw"))
     assert j.owner is None and j.cross_namespace
     pod = build_pod(j.config.pod, connection_id="c", username="alice", owner=j.owner)
     meta = pod["metadata"]
@@ -65,12 +63,12 @@ def test_other_namespace_annotations_not_owner_reference() -> None:
 
 
 def test_user_mode_pods_have_no_gateway_owner() -> None:
-    j = Janitor(config(mode="user"), API, GatewayPod("g", "u", "gw"), "g")
+    j = PodOwnership(config(mode="user"), GatewayPod("g", "u", "gw"))
     assert j.owner is None and not j.cross_namespace
     assert ANNOTATION_GATEWAY_POD not in (j.config.pod.metadata.get("annotations") or {})
 
 
 def test_outside_a_pod_nothing_changes() -> None:
     base = config()
-    j = Janitor(base, API, None, None)
+    j = PodOwnership(base, None)
     assert j.owner is None and j.config is base

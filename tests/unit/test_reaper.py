@@ -1,4 +1,4 @@
-"""The to-delete list (kuberun.reaper) and the gateway id (kuberun.leftovers), without a cluster."""
+"""The to-delete list (kuberun.reaper) and the gateway id (kuberun.janitor), without a cluster."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from kuberun.config import config_from_dict
 from kuberun.errors import KubernetesAPIError, KuberunError
-from kuberun.leftovers import GATEWAY_ID_ENV, gateway_id
+from kuberun.janitor import GATEWAY_ID_ENV, gateway_id
 from kuberun.manifests import is_valid_label_value
 from kuberun.metrics import Metrics
 from kuberun.pods import PodRef
