@@ -43,7 +43,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .config import Config
 from .errors import KuberunError
@@ -76,7 +76,9 @@ __all__ = [
 
 _log = logging.getLogger("kuberun")
 
-_Logger = logging.Logger | logging.LoggerAdapter[logging.Logger]
+if TYPE_CHECKING:
+    # Subscripting LoggerAdapter at run time needs Python 3.11.
+    _Logger: TypeAlias = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 #: ``namespace/name`` of the gateway Pod that created a user Pod in another namespace.
 ANNOTATION_GATEWAY_POD = "kuberun.io/gateway-pod"
@@ -271,8 +273,12 @@ class OwnLeftovers:
 
     async def sweep(self, deadline: float) -> list[PodRef]:
         """Owe the deletion of every leftover not owed yet; returns those."""
+        return self.owe(await self.find(deadline))
+
+    def owe(self, refs: list[PodRef]) -> list[PodRef]:
+        """Owe the deletion of each of ``refs`` not owed yet; returns those."""
         owed = []
-        for ref in await self.find(deadline):
+        for ref in refs:
             if self._reaper.owes(ref):
                 continue
             self._logger.info("janitor: deleting leftover Pod %s", ref.name)
@@ -439,8 +445,7 @@ class Janitor:
         """Owe the deletion of every leftover and wait (up to ``timeout``) for it; returns
         those still owed."""
         refs = await self.leftovers.find(self._deadline(timeout))
-        for ref in refs:
-            self._reaper.owe(ref)
+        self.leftovers.owe(refs)
         wait = self._list_timeout if timeout is None else timeout
         await asyncio.gather(*(self._reaper.settle(ref, wait) for ref in refs))
         return [ref for ref in refs if self._reaper.owes(ref)]

@@ -23,7 +23,7 @@ from kuberun.janitor import (
     Janitor,
     PodOwnership,
 )
-from kuberun.manifests import LABEL_MANAGED_BY
+from kuberun.manifests import LABEL_GATEWAY, LABEL_MANAGED_BY
 from kuberun.pods import PodController
 from kuberun.reaper import Reaper
 from kuberun.workspace import LABEL_MODE
@@ -140,5 +140,32 @@ async def test_start_warns_when_the_janitor_cannot_work(
                 assert PodOwnership(config, GatewayPod("g", "u", None)).owner is not None
                 assert "cannot tell which namespace this gateway's Pod is in" in caplog.text
                 await unknown.stop()
+        finally:
+            await api_client.close()
+
+
+async def test_collect_leftovers_waits_for_the_deletions(tmp_path: Path) -> None:
+    """What `gatewayproc --janitor` relies on: the leftovers of this gateway id are deleted
+    when it returns, whether an earlier round owed them already or not."""
+    async with DevCluster() as dev:
+        kubeconfig = tmp_path / "kubeconfig"
+        dev.write_kubeconfig(str(kubeconfig))
+        config = config_from_dict(
+            {"kubernetes": {"kubeconfig": str(kubeconfig), "namespace": "users"}}
+        )
+        api_client = await make_api_client(config.kubernetes)
+        try:
+            api = k8s.CoreV1Api(api_client)
+            labels = {LABEL_MANAGED_BY: "kuberun", LABEL_GATEWAY: "g"}
+            for name in ("first", "second"):
+                body = {"metadata": {"name": name, "labels": labels}, "spec": SPEC}
+                await api.create_namespaced_pod("users", cast(Any, body))
+            janitor = janitor_of(api_client, config, GatewayPod("g", "u", "users"))
+            fault = dev.faults.fail(503, verb="delete", count=None)
+            assert len(await janitor.sweep()) == 2  # owed, not deleted yet
+            fault.cancel()
+            assert await janitor.collect_leftovers(timeout=30) == []
+            left = await api.list_namespaced_pod("users")
+            assert not [p for p in left.items if not p.metadata.deletion_timestamp]
         finally:
             await api_client.close()
