@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from . import relay
+from ._cancel import wait_for
 from .errors import (
     CommandStartError,
     ExecError,
@@ -730,7 +731,7 @@ class ExecConnector:
             return proto
 
         try:
-            proto = await asyncio.wait_for(connect(), timeout)
+            proto = await wait_for(connect(), timeout)
         except asyncio.TimeoutError:
             for transport in opened:
                 transport.abort()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._cancel import cancel_and_wait, wait_for
 from .audit import PodAudit
 from .errors import KubernetesAPIError, PodStartError, PodStartTimeout, client_message
 from .pods import PodController, PodRef, pod_ips, pod_progress
@@ -155,6 +156,7 @@ class PodLease:
             self._ref = _ref_of(self._namespace, pod)
             if self._metrics is not None:
                 self._metrics.pods_created.inc()
+            self._logger.info("Pod %s created", self._ref.name)
             self._report(f"Pod {self._ref.name} created, {pod_progress(pod)}")
             pod = await self._controller.wait_ready(pod, deadline, self._report)
             self._ref = dataclasses.replace(self._ref, ips=pod_ips(pod))
@@ -200,12 +202,8 @@ class PodLease:
         """Cancel a pending start and delete the Pod. Safe to call many times."""
         self._released = True
         task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:
-                pass
+        if task is not None:
+            await cancel_and_wait(task)
         self._schedule_delete()
         cleanup = self._cleanup
         if cleanup is not None:
@@ -260,9 +258,7 @@ class PodLease:
         attempt = self._orphan
         assert attempt is not None
         try:
-            pod = await asyncio.wait_for(
-                asyncio.shield(attempt), max(0.0, deadline - time.monotonic())
-            )
+            pod = await wait_for(asyncio.shield(attempt), max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             attempt.cancel()  # counts as an attempt without an answer (uncertain)
             await asyncio.gather(attempt, return_exceptions=True)

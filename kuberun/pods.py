@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 import aiohttp
 from kubernetes_asyncio import client as k8s
 
+from ._cancel import wait_for
 from .errors import (
     KubernetesAPIError,
     KuberunError,
@@ -296,7 +297,7 @@ class PodController:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise asyncio.TimeoutError
-                return await asyncio.wait_for(func(), min(remaining, per_attempt))
+                return await wait_for(func(), min(remaining, per_attempt))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -342,9 +343,7 @@ class PodController:
                 if ambiguous is not None and (status is None or status >= 500):
                     remaining = deadline - time.monotonic()
                     try:
-                        found = await asyncio.wait_for(
-                            ambiguous(), max(0.0, min(remaining, per_attempt))
-                        )
+                        found = await wait_for(ambiguous(), max(0.0, min(remaining, per_attempt)))
                     except asyncio.TimeoutError:
                         found = None
                     if found is not None:
@@ -372,17 +371,27 @@ class PodController:
         attempt that never reached the API server (connection refused, name
         not resolved) or got a 4xx answer: no Pod can come of those.
 
-        ``orphan`` is offered an attempt still in flight when the call is
-        cancelled; if it returns True it takes the attempt over (awaits its
-        answer: a Pod that comes of it is then known by name and UID, so no
-        search is needed), else the attempt is cancelled.
+        ``orphan`` is offered the attempt under way when the call is cancelled
+        (still in flight, or answered in that very turn of the loop); if it
+        returns True it takes the attempt over (awaits its answer: a Pod that
+        comes of it is then known by name and UID, so no search is needed), else
+        an attempt in flight is cancelled, and one that made a Pod is reported to
+        ``uncertain`` (False), since nobody will read its answer.
         """
+
+        attempts: list[asyncio.Future[dict[str, Any]]] = []
 
         async def do_create() -> dict[str, Any]:
             attempt = asyncio.ensure_future(send())
+            attempts.append(attempt)
             try:
                 return await asyncio.shield(attempt)
             except asyncio.CancelledError:
+                if _succeeded(attempt):
+                    # Answered in the very turn this attempt timed out or was cancelled:
+                    # the Pod exists, so hand it up. (On a cancel, the caller drops it
+                    # and create() below takes care of it.)
+                    return attempt.result()
                 if not attempt.done() and not (orphan is not None and orphan(attempt)):
                     attempt.cancel()
                     await asyncio.gather(attempt, return_exceptions=True)
@@ -432,9 +441,20 @@ class PodController:
                 return pod
             return None
 
-        return await self._call(
-            "create Pod", deadline, do_create, ambiguous=find_existing, on_retry=on_retry
-        )
+        try:
+            return await self._call(
+                "create Pod", deadline, do_create, ambiguous=find_existing, on_retry=on_retry
+            )
+        except asyncio.CancelledError:
+            last = attempts[-1] if attempts else None
+            if last is not None and _succeeded(last):
+                # A Pod was made, and its answer came in the very turn this call was
+                # cancelled: the answer is dropped on the way up. Hand it over, or
+                # have the Pod looked for.
+                taken = orphan is not None and orphan(last)
+                if not taken and uncertain is not None:
+                    uncertain(False)
+            raise
 
     async def wait_ready(
         self,
@@ -606,6 +626,11 @@ class PodController:
         return None
 
 
+def _succeeded(attempt: asyncio.Future[Any]) -> bool:
+    """Whether ``attempt`` has ended with a result."""
+    return attempt.done() and not attempt.cancelled() and attempt.exception() is None
+
+
 async def _checked(call: Awaitable[Any]) -> aiohttp.ClientResponse:
     """Await a ``_preload_content=False`` call; raise ``ApiException`` on a non-2xx answer."""
     resp: aiohttp.ClientResponse = await call
@@ -659,7 +684,7 @@ async def _watch_events(
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
-        chunk = await asyncio.wait_for(resp.content.readany(), remaining)
+        chunk = await wait_for(resp.content.readany(), remaining)
         if not chunk:
             return
         pending += chunk

@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncssh
 
+from ._cancel import wait_for
 from .errors import ExecStreamLost, ForwardRefused
 from .execstream import ExecConnector, ExecListener, ExecResult, ExecStream, make_decoder
 from .upgrade import PORTFORWARD_SUBPROTOCOLS, portforward_path
@@ -138,7 +139,7 @@ class PortForwardStream(ExecStream):
         :raises ForwardRefused: the kubelet reported an error (a closed port)
         """
         try:
-            await asyncio.wait_for(asyncio.shield(self._verdict), grace)
+            await wait_for(asyncio.shield(self._verdict), grace)
         except asyncio.TimeoutError:
             pass
         if self.error_text is not None:

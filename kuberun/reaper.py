@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._cancel import wait_for
 from .errors import KuberunError
 from .pods import PodController, PodRef
 
@@ -191,7 +192,7 @@ class Reaper:
         if debt is None:
             return True
         try:
-            await asyncio.wait_for(asyncio.shield(debt.done.wait()), timeout)
+            await wait_for(asyncio.shield(debt.done.wait()), timeout)
         except asyncio.TimeoutError:
             return False
         return True

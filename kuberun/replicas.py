@@ -36,6 +36,7 @@ from typing import Any, cast
 
 from kubernetes_asyncio import client as k8s
 
+from ._cancel import wait_for
 from .errors import KubernetesAPIError, PodStartTimeout
 from .manifests import LABEL_MANAGED_BY, MANAGED_BY, label_selector
 from .pods import PodController, json_body
@@ -151,7 +152,7 @@ class ReplicaLease:
         assert self._started is not None
         remaining = max(0.0, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(asyncio.shield(self._started), remaining)
+            await wait_for(asyncio.shield(self._started), remaining)
         except asyncio.TimeoutError:
             raise PodStartTimeout(
                 f"this gateway's Lease {self.name} could not be created in time", "Timeout"

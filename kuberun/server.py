@@ -42,6 +42,7 @@ from .channelhooks import (
     on_global_request,
 )
 from .config import Config
+from .errors import KuberunError
 from .forward import open_forward, refuse_listener, refuse_unix
 from .handler import NetworkHandler, SSHConnectionHandler, new
 from .janitor import JANITOR_INTERVAL, Janitor, PodOwnership, gateway_id
@@ -58,6 +59,12 @@ _log = logging.getLogger("kuberun")
 #: Seconds a stopping gateway waits for sessions to flush their output to clients.
 _DRAIN_GRACE = 5.0
 _DRAIN_POLL = 0.02
+
+#: Seconds the last look for this gateway's Pods at shutdown may take, and the deletions
+#: it starts get at least (even when the deletions before it used up ``timeouts.pod_stop``).
+#: Short: a listing takes milliseconds, and an unreachable API server must not hold up
+#: the exit for long (the janitor of the next run looks again).
+_LAST_LOOK = 3.0
 
 #: Seconds the start-up check of the API server (the janitor's first round) may take.
 _START_CHECK = 5.0
@@ -311,9 +318,11 @@ class Gateway:
         """Tell every session, close every connection, and wait for every Pod's deletion.
 
         Pod deletions get ``grace`` seconds (default ``timeouts.pod_stop``) once
-        the connections are closed; what is still owed then is logged, by name,
-        and returned. In user mode this gateway's claims on user Pods are
-        released; the Pods themselves are left to their idle clock.
+        the connections are closed. Then a last look for Pods of this gateway that
+        no connection owns any more (whose deletion was lost track of) owes theirs
+        too. What is still owed at the end is logged, by name, and returned. In
+        user mode this gateway's claims on user Pods are released; the Pods
+        themselves are left to their idle clock.
         """
         self.closing = True
         self._drained = True
@@ -343,7 +352,9 @@ class Gateway:
             # Claims are released by now (connections closed); user Pods are left to
             # the idle clock, never deleted here.
             await self.workspaces.stop()
-        left = await self.reaper.drain(max(0.0, until - time.monotonic()))
+        floor = min(grace, _LAST_LOOK)
+        found = await self._last_look(floor)
+        left = await self.reaper.drain(max(floor if found else 0.0, until - time.monotonic()))
         searching = self.reaper.searching
         await self.reaper.close()
         if searching:
@@ -364,6 +375,35 @@ class Gateway:
                 self.name,
             )
         return left
+
+    async def _last_look(self, timeout: float) -> int:
+        """Owe the deletion of every Pod of this gateway id that no open connection owns;
+        returns how many were not owed yet.
+
+        Every connection is closed by now, so each such Pod is one whose deletion was
+        lost track of (a create whose answer never came, a start still running when its
+        connection's clean-up gave up waiting): delete it now rather than leave it to the
+        janitor of a next run that may never come.
+        """
+        try:
+            found = await self.janitor.leftovers.find(time.monotonic() + timeout)
+        except KuberunError as exc:
+            self.logger.warning(
+                "could not list this gateway's Pods before stopping (%s); the janitor of "
+                "the next run with gateway id %r deletes any left",
+                exc,
+                self.name,
+            )
+            return 0
+        owed = self.janitor.leftovers.owe(found)
+        if owed:
+            self.logger.warning(
+                "stopping: %d Pod(s) of this gateway that no connection owned any more, "
+                "deleting them: %s",
+                len(owed),
+                ", ".join(f"{ref.namespace}/{ref.name}" for ref in owed),
+            )
+        return len(owed)
 
     async def wait_tasks(self, timeout: float | None = None) -> None:
         """Wait for background tasks (Pod deletions) until none are left, or ``timeout``."""

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from kubernetes_asyncio import client as k8s
 
+from ._cancel import cancel_and_wait
 from .errors import KubernetesAPIError, PodStartError, PodStartTimeout
 from .manifests import (
     LABEL_CONNECTION_ID,
@@ -737,13 +738,9 @@ class WorkspaceClaim:
         task = self._task
         if task is None:
             return
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        if task.cancelled() or task.exception() is not None:
-            # Cancelled mid-way: we may or may not have been added; detach copes with both.
-            pass
+        # Cancelled mid-way, the claim may or may not have been added; detach copes
+        # with both.
+        await cancel_and_wait(task)
         name = workspace_name(self._manager.config.pod.metadata, self.username)
         await asyncio.shield(self._manager._detach(self, name))
 

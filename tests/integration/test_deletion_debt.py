@@ -251,25 +251,53 @@ async def test_running_gateway_janitor_deletes_leftovers_periodically(tmp_path: 
         async with _gateway(config, janitor_interval=0.5) as runner:
             (conn, _), *_ = await _open_sessions(runner, key, 1)
             (live,) = [p["metadata"]["name"] for p in cluster.pods()]
-            conf = k8s.Configuration()
-            await load_kube_config(str(tmp_path / "kubeconfig"), client_configuration=conf)
-            labels = {LABEL_MANAGED_BY: "kuberun", LABEL_GATEWAY: runner.gateway.name}
-            async with k8s.ApiClient(conf) as api_client:
-                await k8s.CoreV1Api(api_client).create_namespaced_pod(
-                    "default",
-                    cast(
-                        Any,
-                        {
-                            "metadata": {"name": "leftover", "labels": labels},
-                            "spec": {"containers": [{"name": "shell", "image": "x"}]},
-                        },
-                    ),
-                )
+            await _create_pod_of(runner, tmp_path / "kubeconfig", "leftover")
             await wait_for(lambda: cluster.pod("leftover") is None, 30, "leftover deleted")
             # The Pod of the live connection is not a leftover.
             await asyncio.sleep(1.5)
             assert cluster.pod(live) is not None
             conn.close()
+
+
+async def test_stopping_gateway_deletes_its_pods_no_connection_owns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A last look at shutdown: a Pod of this gateway id whose deletion the gateway lost
+    track of is deleted by this run, not left to a next one that may never come."""
+    key = _client_key(tmp_path)
+    async with DevCluster() as cluster:
+        cluster.write_kubeconfig(str(tmp_path / "kubeconfig"))
+        config = gateway_config(tmp_path / "kubeconfig", tmp_path)
+        async with _gateway(config) as runner:
+            await _open_sessions(runner, key, 1)
+            # Made after the janitor's first round; its next one is minutes away.
+            await _create_pod_of(runner, tmp_path / "kubeconfig", "lost-track-of")
+            caplog.set_level(logging.INFO, logger="kuberun")
+        # Deleted (a Pod still in its termination grace has its deletionTimestamp).
+        lost = cluster.pod("lost-track-of")
+        assert lost is None or lost["metadata"].get("deletionTimestamp")
+        assert all(p["metadata"].get("deletionTimestamp") for p in cluster.pods())
+    assert "1 Pod(s) of this gateway that no connection owned" in caplog.text
+    assert "default/lost-track-of" in caplog.text
+    assert "not deleted" not in caplog.text
+
+
+async def _create_pod_of(runner: GatewayRunner, kubeconfig: Path, name: str) -> None:
+    """Create a Pod labelled as one of ``runner``'s that none of its connections owns."""
+    conf = k8s.Configuration()
+    await load_kube_config(str(kubeconfig), client_configuration=conf)
+    labels = {LABEL_MANAGED_BY: "kuberun", LABEL_GATEWAY: runner.gateway.name}
+    async with k8s.ApiClient(conf) as api_client:
+        await k8s.CoreV1Api(api_client).create_namespaced_pod(
+            "default",
+            cast(
+                Any,
+                {
+                    "metadata": {"name": name, "labels": labels},
+                    "spec": {"containers": [{"name": "shell", "image": "x"}]},
+                },
+            ),
+        )
 
 
 async def test_user_pod_idle_deletion_survives_a_frozen_api_server(
