@@ -30,6 +30,7 @@ from .errors import (
 )
 from .execstream import ExecResult, ExecStream
 from .manifests import (
+    SIGNAL_NAMES,
     env_allowed,
     exec_argv,
     kill_argv,
@@ -46,22 +47,7 @@ __all__ = ["SIGNALS", "KuberunSession"]
 
 #: RFC 4254 §6.10 signal names that can be delivered, with their numbers here.
 SIGNALS: dict[str, int] = {
-    name: int(getattr(_signal, "SIG" + name))
-    for name in (
-        "ABRT",
-        "ALRM",
-        "FPE",
-        "HUP",
-        "ILL",
-        "INT",
-        "KILL",
-        "PIPE",
-        "QUIT",
-        "SEGV",
-        "TERM",
-        "USR1",
-        "USR2",
-    )
+    name: int(getattr(_signal, "SIG" + name)) for name in sorted(SIGNAL_NAMES)
 }
 
 #: Wait this long before printing Pod start progress, so fast starts stay quiet.

@@ -165,8 +165,8 @@ class DevCluster:
         await self.registry.shutdown()
         await self.kubelet.shutdown()
         await self.runtime.stop_all(grace=1.0)
-        self.exec_handler.abort_all()
-        self.portforward_handler.abort_all()
+        self.exec_handler.sessions.abort_all()
+        self.portforward_handler.sessions.abort_all()
         runner, self._runner = self._runner, None
         await runner.cleanup()
         if self._own_workdir:

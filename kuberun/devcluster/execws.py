@@ -22,9 +22,9 @@ import pty
 import secrets
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -33,6 +33,13 @@ from .containers import Container
 from .kubelet import PodWorker, exec_failure
 from .runtime import FdReader, FdWriter, Proc, Runtime, make_pipe, set_winsize
 from .selectors import parse_bool
+
+
+class _Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
+_Session = TypeVar("_Session", bound=_Abortable)
 
 __all__ = ["ExecHandler", "negotiate"]
 
@@ -255,12 +262,36 @@ def resolve_container(pod: dict[str, Any], wanted: str | None) -> str:
     )
 
 
+class RunningSessions(Generic[_Session]):
+    """The streams a handler is serving, so that a stopping server can cut them all."""
+
+    def __init__(self) -> None:
+        self._running: set[_Session] = set()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    @contextlib.contextmanager
+    def running(self, session: _Session) -> Iterator[None]:
+        """Count ``session`` as running for the duration of the ``with`` block."""
+        self._running.add(session)
+        try:
+            yield
+        finally:
+            self._running.discard(session)
+
+    def abort_all(self) -> None:
+        """Cut every running session (server shutdown)."""
+        for session in list(self._running):
+            session.abort()
+
+
 class ExecHandler:
     """Serves the exec subresource for a cluster (see :meth:`handle`)."""
 
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
-        self.sessions: set[ExecSession] = set()
+        self.sessions = RunningSessions["ExecSession"]()
 
     async def handle(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         store = self.cluster.store
@@ -295,21 +326,13 @@ class ExecHandler:
             return _text(problem[0], problem[1])
         ws = await accept_websocket(request, protocol)
         session = ExecSession(self, request, ws, protocol, opts, namespace, name)
-        self.sessions.add(session)
-        try:
+        with self.sessions.running(session):
             if problem is not None or ctr is None:
                 text = problem[1] if problem else f'container not found ("{container}")'
                 await session.fail(f"unable to upgrade connection: {text}", wrap=False)
             else:
                 await session.run(ctr)
-        finally:
-            self.sessions.discard(session)
         return ws
-
-    def abort_all(self) -> None:
-        """Cut every running session (server shutdown)."""
-        for session in list(self.sessions):
-            session.abort()
 
 
 class ExecSession:

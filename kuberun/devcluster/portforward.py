@@ -38,6 +38,7 @@ from .apierrors import not_found
 from .execws import (
     MAX_DATA,
     READ_SIZE,
+    RunningSessions,
     _text,
     accept_websocket,
     close_websocket,
@@ -97,7 +98,7 @@ class PortForwardHandler:
 
     def __init__(self, cluster: Any) -> None:
         self.cluster = cluster
-        self.sessions: set[PortForwardSession] = set()
+        self.sessions = RunningSessions["PortForwardSession"]()
 
     async def handle(self, request: web.Request, namespace: str, name: str) -> web.StreamResponse:
         pod = self.cluster.store.get("pods", namespace, name)
@@ -120,17 +121,9 @@ class PortForwardHandler:
         ws = await accept_websocket(request, protocol)
         uid = str(pod["metadata"].get("uid") or "")
         session = PortForwardSession(request, ws, protocol, ports, uid)
-        self.sessions.add(session)
-        try:
+        with self.sessions.running(session):
             await session.run()
-        finally:
-            self.sessions.discard(session)
         return ws
-
-    def abort_all(self) -> None:
-        """Cut every running session (server shutdown)."""
-        for session in list(self.sessions):
-            session.abort()
 
 
 class PortForwardSession:
