@@ -137,6 +137,9 @@ class EpochReport:
     rss_peak: int = 0
     gateway_exit: int | None = None
     pods_left: list[str] = field(default_factory=list)
+    #: Pods the gateway's last look at SIGTERM found unowned and deleted: not leaks, but
+    #: deletions the gateway had lost track of (each one is worth a look at the log).
+    caught_at_stop: list[str] = field(default_factory=list)
     unhandled: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -163,6 +166,10 @@ class Report:
         return sum(len(e.pods_left) for e in self.epochs)
 
     @property
+    def caught_at_stop(self) -> int:
+        return sum(len(e.caught_at_stop) for e in self.epochs)
+
+    @property
     def silent_ends(self) -> int:
         return sum(1 for o in self.outcomes if o.result == "violation")
 
@@ -177,7 +184,8 @@ class Report:
             f"({self.chaos_lifecycles} under faults) in {len(self.epochs)} epochs, "
             f"{self.seconds:.0f} s",
             f"  leaked Pods: {self.leaked_pods}; sessions ended silently or wrongly: "
-            f"{self.silent_ends}; unhandled exceptions: {self.unhandled_exceptions}",
+            f"{self.silent_ends}; unhandled exceptions: {self.unhandled_exceptions}; "
+            f"Pods only the last look at stop deleted: {self.caught_at_stop}",
             f"  faults injected: {sum(self.faults.values())}, fired: {sum(self.fired.values())} "
             f"({dict(sorted(self.fired.items()))})",
         ]
@@ -336,6 +344,18 @@ class GatewayProcess:
 
     def unhandled(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.report.read_text().splitlines() if line]
+
+    def caught_at_stop(self) -> list[str]:
+        """The Pods the gateway's drain found unowned and deleted (its log says which)."""
+        found = []
+        for line in bytes(self.stderr).decode(errors="replace").splitlines():
+            if _CAUGHT_AT_STOP in line:
+                found += line.split(_CAUGHT_AT_STOP, 1)[1].split(", ")
+        return found
+
+
+#: What Gateway.drain() logs before the Pods its last look found.
+_CAUGHT_AT_STOP = "that no connection owned any more, deleting them: "
 
 
 def _free_port() -> int:
@@ -882,6 +902,7 @@ class Chaos:
                 f"epoch {index}: gateway exit status {report.gateway_exit} after SIGTERM"
             )
         await self.wait_no_pods(report)
+        report.caught_at_stop = self.gateway.caught_at_stop()
         report.unhandled = self.gateway.unhandled()
         for entry in report.unhandled:
             self.report.violations.append(
@@ -997,6 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
                     "leaked_pods": report.leaked_pods,
                     "silent_ends": report.silent_ends,
                     "unhandled_exceptions": report.unhandled_exceptions,
+                    "caught_at_stop": report.caught_at_stop,
                     "violations": report.violations,
                     "faults": dict(report.faults),
                     "seconds": report.seconds,
