@@ -41,7 +41,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1000,40 +1000,26 @@ def main(argv: list[str] | None = None) -> int:
         verbose=args.verbose,
         real=args.real,
     )
-    import uvloop
-
-    workdir = None
-    if args.workdir:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=False)
-    report = uvloop.run(run_chaos(options, workdir))
-    print(report.summary())
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "seed": options.seed,
-                    "lifecycles": report.lifecycles,
-                    "chaos_lifecycles": report.chaos_lifecycles,
-                    "leaked_pods": report.leaked_pods,
-                    "silent_ends": report.silent_ends,
-                    "unhandled_exceptions": report.unhandled_exceptions,
-                    "caught_at_stop": report.caught_at_stop,
-                    "violations": report.violations,
-                    "faults": dict(report.faults),
-                    "seconds": report.seconds,
-                    "epochs": [e.__dict__ for e in report.epochs],
-                },
-                indent=2,
-                default=str,
-            )
-        )
-    return 1 if report.violations else 0
+    return _run(
+        args,
+        lambda workdir: run_chaos(options, workdir),
+        lambda report: {
+            "seed": options.seed,
+            "lifecycles": report.lifecycles,
+            "chaos_lifecycles": report.chaos_lifecycles,
+            "leaked_pods": report.leaked_pods,
+            "silent_ends": report.silent_ends,
+            "unhandled_exceptions": report.unhandled_exceptions,
+            "caught_at_stop": report.caught_at_stop,
+            "violations": report.violations,
+            "faults": dict(report.faults),
+            "seconds": report.seconds,
+            "epochs": [e.__dict__ for e in report.epochs],
+        },
+    )
 
 
 def _main_replicas(args: argparse.Namespace) -> int:
-    import uvloop
-
     from .chaos_replicas import ReplicaOptions, run_replica_chaos
 
     options = ReplicaOptions(
@@ -1046,15 +1032,30 @@ def _main_replicas(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         verbose=args.verbose,
     )
+    return _run(
+        args,
+        lambda workdir: run_replica_chaos(options, workdir),
+        lambda report: {k: v for k, v in report.__dict__.items() if k != "options"},
+    )
+
+
+def _run(
+    args: argparse.Namespace,
+    run: Callable[[Path | None], Coroutine[Any, Any, Any]],
+    as_json: Callable[[Any], dict[str, Any]],
+) -> int:
+    """Run one chaos run on uvloop (``--workdir`` kept), print its summary, write
+    ``--json``; exit status 1 if it found violations."""
+    import uvloop
+
     workdir = None
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=False)
-    report = uvloop.run(run_replica_chaos(options, workdir))
+    report = uvloop.run(run(workdir))
     print(report.summary())
     if args.json:
-        data = {k: v for k, v in report.__dict__.items() if k != "options"}
-        Path(args.json).write_text(json.dumps(data, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(as_json(report), indent=2, default=str))
     return 1 if report.violations else 0
 
 
