@@ -173,29 +173,18 @@ async def test_dynamic_forward_without_a_session(gateway: Gateway, servers: Serv
     port = await servers.start(http)
     socks = free_port()
     ssh = await start_ssh(gateway, opts=["-N", "-D", f"127.0.0.1:{socks}"])
+
+    async def get(url: str) -> tuple[int, bytes, bytes]:
+        proxy = f"127.0.0.1:{socks}"
+        return await run("curl", "-sS", "--max-time", "30", "--socks5-hostname", proxy, url)
+
     try:
         await wait_listening(socks)
-        rc, out, err = await run(
-            "curl",
-            "-sS",
-            "--max-time",
-            "30",
-            "--socks5-hostname",
-            f"127.0.0.1:{socks}",
-            f"http://localhost:{port}/",
-        )
+        rc, out, err = await get(f"http://localhost:{port}/")
         assert (rc, out) == (0, b"socks\n"), err
         assert len(await gateway.cluster.pods()) == 1  # the connection's Pod, with no session
         # A SOCKS destination that is not the Pod is refused.
-        rc, _, err = await run(
-            "curl",
-            "-sS",
-            "--max-time",
-            "30",
-            "--socks5-hostname",
-            f"127.0.0.1:{socks}",
-            "http://example.invalid/",
-        )
+        rc, _, err = await get("http://example.invalid/")
         assert rc != 0
     finally:
         await stop(ssh)
