@@ -212,6 +212,11 @@ class KuberunSession(asyncssh.SSHServerSession[bytes]):
             self._terminate_program()
             return
         self._stream = stream
+        if self._ssh_full or self._recording_blocked():
+            # Output flows from the moment the API server switched protocols: the
+            # channel can fill (pause_writing) before this session has the stream,
+            # and asyncssh says so only once.
+            stream.pause_output()
         self._log.info("session %s: %s started in Pod %s", self._id, self._kind, self._pod.name)
         if self._term is not None and self._size is not None:
             stream.resize(*self._size)

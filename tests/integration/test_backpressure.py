@@ -19,8 +19,11 @@ from typing import Any, cast
 import asyncssh
 import pytest
 
+from kuberun.execstream import ExecConnector, ExecListener, ExecStream
+
 from .chaos import Chaos, GatewayProcess, Options
 from .clusters import REAL, open_cluster
+from .conftest import Gateway, wait_for
 from .test_forwarding import flood
 
 pytestmark = pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -97,6 +100,41 @@ async def test_stalled_readers(chaos: Chaos) -> None:
         assert counts == [32 * MiB] * SESSIONS
         for proc in procs:
             proc.close()
+
+
+async def test_a_pause_that_comes_before_the_stream_is_not_lost(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Output flows as soon as the API server has switched protocols, so the SSH channel
+    can fill before the session holds the exec stream; asyncssh asks to pause only once,
+    and that request must still stop the reading (else memory grows without bound)."""
+    handed_over: list[ExecStream] = []
+    original = ExecConnector.open
+
+    async def open_late(
+        self: ExecConnector,
+        namespace: str,
+        pod: str,
+        container: str,
+        command: Any,
+        listener: ExecListener,
+        **kwargs: Any,
+    ) -> ExecStream:
+        stream = await original(self, namespace, pod, container, command, listener, **kwargs)
+        # Hand the stream over only once the client's window is spent and the channel
+        # has asked to pause.
+        await wait_for(lambda: getattr(listener, "_ssh_full", False), 60, "channel full")
+        handed_over.append(stream)
+        return stream
+
+    monkeypatch.setattr(ExecConnector, "open", open_late)
+    async with gateway.asyncssh_connect() as conn:
+        proc = await conn.create_process("cat /dev/zero", encoding=None)  # never read
+        await wait_for(lambda: handed_over, 90, "the exec handed over")
+        # The session went on in the same step as the hand-over: it has paused already.
+        assert handed_over[0]._output_paused
+        proc.close()
+    await gateway.wait_no_pods()
 
 
 async def test_slow_readers(chaos: Chaos) -> None:
