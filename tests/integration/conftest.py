@@ -188,6 +188,33 @@ async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         await asyncio.sleep(0.05)
 
 
+#: A shell loop for a pty session: prints ``stty size`` for every line it reads, and
+#: exits after the line ``q``.
+STTY_LOOP = 'echo ready; while read x; do stty size; [ "$x" = q ] && exit; done'
+
+
+async def sizes_until(proc: Any, size: str, *, real: bool) -> list[str]:
+    """Send a line to :data:`STTY_LOOP` in ``proc`` and return the size it prints; on the
+    real cluster, again (for up to 10 s) until it prints ``size``. All printed, in order.
+
+    devcluster applies a resize before the stdin that follows it, as sshd's pty does, so
+    the first answer must be the new size. A real node applies a resize beside that
+    stdin: a keystroke sent right after the change may still find the old size.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (10 if real else 0)
+    sizes: list[str] = []
+    while True:
+        proc.stdin.write("\n")
+        line = ""
+        while not line:  # (the pty's echo of the newline comes first)
+            line = (await asyncio.wait_for(proc.stdout.readline(), 20)).strip()
+        sizes.append(line)
+        if line == size or loop.time() >= deadline:
+            return sizes
+        await asyncio.sleep(0.2)
+
+
 def gateway_config(
     cluster_kubeconfig: Path, workdir: Path, cluster: TestCluster | None = None, **overrides: Any
 ) -> Config:

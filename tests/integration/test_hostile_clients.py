@@ -15,7 +15,7 @@ from kuberun.manifests import ANNOTATION_USERNAME, LABEL_USERNAME, is_valid_labe
 from kuberun.server import MAX_ENV_REQUESTS
 from kuberun.session import MAX_ENV_BYTES
 
-from .conftest import Gateway, wait_for
+from .conftest import STTY_LOOP, Gateway, sizes_until, wait_for
 
 
 async def _served(gateway: Gateway) -> None:
@@ -186,16 +186,14 @@ async def test_terminal_sizes_zero_and_beyond_65535(
             result = await conn.run("stty size", term_type="xterm", term_size=size)
             assert result.exit_status == 0, (size, result.stderr)
             assert result.stdout.strip() == "0 0", size  # ignored, not mangled
-        proc = await conn.create_process(
-            "echo ready; read x; stty size", term_type="xterm", term_size=(80, 24)
-        )
+        proc = await conn.create_process(STTY_LOOP, term_type="xterm", term_size=(80, 24))
         assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == "ready"
         for width, height in ((0, 0), (100_000, 5), (5, 2**32 - 1), (0, 40)):
             proc.change_terminal_size(width, height)
         proc.change_terminal_size(132, 43)
-        proc.stdin.write("\n")
-        out = await asyncio.wait_for(proc.stdout.read(), 20)
-        assert out.strip() == "43 132"
+        sizes = await sizes_until(proc, "43 132", real=gateway.cluster.real)
+        assert sizes[-1] == "43 132", sizes
+        proc.stdin.write("q\n")
         await proc.wait()
     await _served(gateway)
     assert not exception_handler

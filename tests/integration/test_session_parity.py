@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from .conftest import Gateway, wait_for
+from .conftest import STTY_LOOP, Gateway, sizes_until, wait_for
 
 pytestmark = pytest.mark.openssh
 
@@ -36,26 +36,12 @@ async def test_pty_size_and_resize(gateway: Gateway) -> None:
         result = await conn.run("stty size", term_type="xterm", term_size=(100, 40))
         assert result.stdout.strip() == "40 100"
 
-        proc = await conn.create_process(
-            'echo ready; while read x; do stty size; [ "$x" = q ] && exit; done',
-            term_type="xterm",
-            term_size=(100, 40),
-        )
+        proc = await conn.create_process(STTY_LOOP, term_type="xterm", term_size=(100, 40))
         await _read_until(proc.stdout, "ready")
         proc.change_terminal_size(120, 50)
-        proc.stdin.write("\n")
-        out = await _read_until(proc.stdout, "0\r\n")
-        if gateway.cluster.real:
-            # A real node applies a resize message beside the stdin that follows it,
-            # not before it: the size changes, but a keystroke sent right after the
-            # change may still find the old one (sshd's pty has them in order).
-            deadline = asyncio.get_running_loop().time() + 10
-            while "50 120" not in out and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.2)
-                proc.stdin.write("\n")
-                out += await _read_until(proc.stdout, "0\r\n")
-        # devcluster applies it first, as sshd does: the very next line sees it.
-        assert out.strip().splitlines()[-1] == "50 120", out
+        # On devcluster, as with sshd, the very next line sees the new size.
+        sizes = await sizes_until(proc, "50 120", real=gateway.cluster.real)
+        assert sizes[-1] == "50 120", sizes
         proc.stdin.write("q\n")
         await proc.wait()
 
